@@ -1,0 +1,132 @@
+"""Single jobs: submit, poll (with long-poll), list, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+
+from api.deps import get_owner, get_session
+from api.errors import APIError
+from lmqueue import jobs as q
+from lmqueue.broker import enqueue_jobs
+from lmqueue.db import session_scope
+from lmqueue.models import Job, JobStatus
+from lmqueue.settings import get_settings
+from lmqueue.validation import InvalidRequest, check_request
+
+router = APIRouter(tags=["jobs"])
+
+
+class SubmitJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(default=None, max_length=200)
+    endpoint: str = Field(max_length=40)
+    body: dict[str, Any]
+    priority: int | None = Field(default=None, ge=0, le=9, description="0-9, 9 runs first")
+    timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
+
+
+def _not_found(job_id: str) -> APIError:
+    return APIError(404, f"no job {job_id!r}", code="not_found", param="job_id")
+
+
+@router.post("/v1/jobs", status_code=202)
+def submit_job(
+    req: SubmitJob,
+    session: Annotated[Session, Depends(get_session)],
+    owner: Annotated[str, Depends(get_owner)],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    try:
+        model, body = check_request(req.endpoint, req.body, req.model)
+    except InvalidRequest as exc:
+        raise APIError(400, exc.message, param=exc.param, code=exc.code) from exc
+    priority = get_settings().default_priority if req.priority is None else req.priority
+    try:
+        job, created = q.create_job(
+            session,
+            owner=owner,
+            model=model,
+            endpoint=req.endpoint,
+            body=body,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            timeout_s=req.timeout,
+        )
+    except q.IdempotencyConflict as exc:
+        raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
+    if created:
+        session.commit()  # the store holds the job before any worker can see its message
+        enqueue_jobs(model, [job.id], priority)
+        q.mark_enqueued(session, [job.id])
+    return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
+
+
+def _load(owner: str, job_id: str) -> Job | None:
+    with session_scope() as session:
+        return q.get_job(session, owner, job_id)
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(
+    job_id: str,
+    owner: Annotated[str, Depends(get_owner)],
+    wait: Annotated[float, Query(ge=0, le=3600, description="long-poll seconds")] = 0,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + min(wait, get_settings().long_poll_max_s)
+    delay = 0.05
+    while True:
+        job = await run_in_threadpool(_load, owner, job_id)
+        if job is None:
+            raise _not_found(job_id)
+        if job.status in JobStatus.TERMINAL or time.monotonic() >= deadline:
+            return q.job_to_dict(job)
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.5)
+
+
+@router.get("/v1/jobs")
+def list_jobs(
+    session: Annotated[Session, Depends(get_session)],
+    owner: Annotated[str, Depends(get_owner)],
+    status: Annotated[
+        str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
+    ] = None,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    rows, has_more = q.list_jobs(session, owner, status=status, after=after, limit=limit)
+    data = [q.job_to_dict(j) for j in rows]
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+@router.post("/v1/jobs/{job_id}/cancel")
+def cancel_job(
+    job_id: str,
+    session: Annotated[Session, Depends(get_session)],
+    owner: Annotated[str, Depends(get_owner)],
+) -> dict[str, Any]:
+    job = q.get_job(session, owner, job_id)
+    if job is None:
+        raise _not_found(job_id)
+    if not q.cancel_job(session, job) and job.status != JobStatus.CANCELLED:
+        raise APIError(
+            409,
+            f"job {job_id} is {job.status}; only a queued job can be cancelled",
+            code="not_cancellable",
+        )
+    return q.job_to_dict(job)

@@ -1,0 +1,77 @@
+"""Celery configuration shared by producers and workers, and the producer-side app.
+
+The producer app has no tasks registered: it only sends messages by task name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+
+from lmqueue.contract import (
+    PRIORITY_SEP,
+    PRIORITY_STEPS,
+    TASK_PROCESS_JOBS,
+    ProcessJobs,
+    celery_priority,
+    queue_name,
+)
+from lmqueue.settings import Settings, get_settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Above the longest allowed job so a running job is never redelivered meanwhile.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+            "priority_steps": PRIORITY_STEPS,
+            "sep": PRIORITY_SEP,
+        },
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,  # the result store is the database, not a Celery backend
+        "task_acks_late": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,  # never hoard: the backlog must stay visible in Redis
+        "task_default_queue": f"{settings.queue_prefix}.default",
+        "task_create_missing_queues": True,
+        "worker_send_task_events": True,  # Flower shows each request's task and state
+        "task_send_sent_event": True,
+        "task_track_started": True,
+    }
+
+
+_producer: Celery | None = None
+
+
+def producer_app() -> Celery:
+    global _producer
+    if _producer is None:
+        _producer = Celery("lmqueue-producer")
+        _producer.conf.update(celery_config(get_settings()))
+    return _producer
+
+
+def reset_producer() -> None:
+    global _producer
+    _producer = None
+
+
+def enqueue_jobs(
+    model: str, job_ids: Sequence[str], priority: int, app: Celery | None = None
+) -> str:
+    """Send one message for `job_ids` (all of `model`) to the model's queue; returns the task id."""
+    payload = ProcessJobs(job_ids=list(job_ids))
+    result = (app or producer_app()).send_task(
+        TASK_PROCESS_JOBS,
+        kwargs=payload.model_dump(),
+        queue=queue_name(model),
+        priority=celery_priority(priority),
+    )
+    return str(result.id)

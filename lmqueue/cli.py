@@ -1,0 +1,239 @@
+"""The `lmqueue` command line: run the stack or its parts, and talk to a running API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lmqueue.settings import get_settings
+
+log = logging.getLogger("lmqueue")
+
+
+# --- running services -------------------------------------------------------------------------
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from lmqueue.migrate import upgrade_head
+
+    url = get_settings().resolved_database_url()
+    upgrade_head(url)
+    print(f"database at head: {url}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = get_settings()
+    uvicorn.run(
+        "api.app:app", host=args.host or s.api_host, port=args.port or s.api_port, log_level="info"
+    )
+    return 0
+
+
+def worker_argv(model: str, concurrency: int, queue: str | None = None) -> list[str]:
+    from lmqueue.contract import queue_name
+
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--queues",
+        queue or queue_name(model),
+        "--hostname",
+        f"{model.replace('/', '_')}-%h-{os.getpid()}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from lmqueue.registry import get_registry
+
+    s = get_settings()
+    model = args.model or s.worker_model or next(iter(sorted(get_registry())), "")
+    if not model:
+        print("no model configured: set LMQUEUE_MODELS or LMQUEUE_MODELS_FILE", file=sys.stderr)
+        return 2
+    env = {**os.environ, "LMQUEUE_WORKER_MODEL": model}
+    argv = worker_argv(model, args.concurrency or s.effective_concurrency())
+    return subprocess.call(argv, env=env)
+
+
+def flower_argv(port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+    ]
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    return subprocess.call(flower_argv(args.port or get_settings().flower_port))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from lmqueue.local import run_local_stack
+
+    return run_local_stack(port=args.port, flower=not args.no_flower, workers=args.workers)
+
+
+# --- client commands --------------------------------------------------------------------------
+
+
+def _client() -> httpx.Client:
+    s = get_settings()
+    headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
+    return httpx.Client(base_url=s.api_url, headers=headers, timeout=120)
+
+
+def _check(resp: httpx.Response) -> dict[str, Any]:
+    if resp.status_code >= 400:
+        try:
+            msg = resp.json()["error"]["message"]
+        except Exception:
+            msg = resp.text
+        raise SystemExit(f"error {resp.status_code}: {msg}")
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def _output_text(job: dict[str, Any]) -> str:
+    choice = (job.get("response") or {}).get("choices", [{}])[0]
+    return str(choice.get("text") or (choice.get("message") or {}).get("content") or "")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.chat:
+        endpoint = "/v1/chat/completions"
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]}
+    else:
+        endpoint, body = "/v1/completions", {"prompt": args.prompt}
+    body.update(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.seed is not None:
+        body["seed"] = args.seed
+    with _client() as client:
+        job = _check(
+            client.post(
+                "/v1/jobs",
+                json={
+                    "model": args.model,
+                    "endpoint": endpoint,
+                    "body": body,
+                    "priority": args.priority,
+                },
+            )
+        )
+        if not args.wait:
+            print(job["id"])
+            return 0
+        while job["status"] in ("queued", "running"):
+            job = _check(client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}))
+    if job["status"] != "succeeded":
+        print(
+            f"{job['id']} {job['status']}: {(job.get('error') or {}).get('message')}",
+            file=sys.stderr,
+        )
+        return 1
+    print(_output_text(job))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _client() as client:
+        job = _check(client.get(f"/v1/jobs/{args.id}", params={"wait": args.wait}))
+    print(json.dumps(job, indent=2))
+    return 0
+
+
+def cmd_build_demo_model(args: argparse.Namespace) -> int:
+    # Building needs torch, which this light package never imports: run the worker's builder.
+    argv = [sys.executable, "-m", "worker.demo_model", str(args.out), "--size", args.size]
+    return subprocess.call(argv)
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmqueue", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack locally (embedded defaults)")
+    up.add_argument("--port", type=int, default=None, help="API port (default 8000)")
+    up.add_argument("--workers", type=int, default=1, help="worker processes per model")
+    up.add_argument("--no-flower", action="store_true")
+    up.set_defaults(fn=cmd_up)
+
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(fn=cmd_migrate)
+
+    api = sub.add_parser("api", help="run the API server")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(fn=cmd_api)
+
+    w = sub.add_parser("worker", help="run a worker for one model")
+    w.add_argument("--model")
+    w.add_argument("--concurrency", type=int, default=0)
+    w.set_defaults(fn=cmd_worker)
+
+    f = sub.add_parser("flower", help="run Flower against the configured broker")
+    f.add_argument("--port", type=int)
+    f.set_defaults(fn=cmd_flower)
+
+    s = sub.add_parser("submit", help="submit one job")
+    s.add_argument("prompt")
+    s.add_argument("--model", required=True)
+    s.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--priority", type=int, default=5)
+    s.add_argument("--wait", action="store_true", help="wait and print the generated text")
+    s.set_defaults(fn=cmd_submit)
+
+    g = sub.add_parser("get", help="show one job")
+    g.add_argument("id")
+    g.add_argument("--wait", type=float, default=0)
+    g.set_defaults(fn=cmd_get)
+
+    b = sub.add_parser("build-demo-model", help="build a small random-weight model locally")
+    b.add_argument("out", type=Path)
+    b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+    b.set_defaults(fn=cmd_build_demo_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

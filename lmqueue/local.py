@@ -1,0 +1,91 @@
+"""`lmqueue up`: the whole stack on one machine with embedded defaults.
+
+SQLite in the data dir, an embedded Redis when none answers, a demo model built locally when no
+model is configured; then the API, one worker per model, Flower and the scheduler as children.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lmqueue.embedded import EmbeddedRedis, ensure_redis
+from lmqueue.migrate import upgrade_head
+from lmqueue.registry import get_registry
+from lmqueue.settings import get_settings, reset_settings
+from lmqueue.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def ensure_demo_model(data_dir: Path) -> str:
+    """Build (once) the small random-weight demo model; returns its LMQUEUE_MODELS entry."""
+    path = (data_dir / "models" / "demo").resolve()
+    if not (path / "lmqueue_demo.json").exists():
+        log.info("no model configured: building a small demo model at %s", path)
+        subprocess.check_call([sys.executable, "-m", "worker.demo_model", str(path)])
+    return f"demo={path}"
+
+
+def _child_env(redis_url: str, database_url: str, models: str | None) -> dict[str, str]:
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+    if models:
+        env["LMQUEUE_MODELS"] = models
+    return env
+
+
+def run_local_stack(port: int | None, flower: bool, workers: int) -> int:
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    redis_url, embedded = ensure_redis(settings.redis_url, settings.embedded_redis)
+    models = None if get_registry() else ensure_demo_model(settings.data_dir)
+    database_url = settings.resolved_database_url()
+    env = _child_env(redis_url, database_url, models)
+    os.environ.update(env)
+    reset_settings()
+    upgrade_head(database_url)
+    return _supervise(env, port or settings.api_port, flower, workers, embedded)
+
+
+def _supervise(
+    env: dict[str, str], port: int, flower: bool, workers: int, embedded: EmbeddedRedis | None
+) -> int:
+    from lmqueue.cli import flower_argv, worker_argv
+
+    settings = get_settings()
+    sup = Supervisor(env)
+    try:
+        sup.spawn("api", [sys.executable, "-m", "lmqueue.cli", "api", "--port", str(port)])
+        for name in sorted(get_registry()):
+            for _ in range(workers):
+                sup.env = {**env, "LMQUEUE_WORKER_MODEL": name}
+                sup.spawn(f"worker[{name}]", worker_argv(name, settings.effective_concurrency()))
+        sup.env = env
+        if flower:
+            sup.spawn("flower", flower_argv(settings.flower_port))
+        _maybe_spawn_scheduler(sup)
+        print(
+            f"lmqueue is up: API http://127.0.0.1:{port}  "
+            + (f"Flower http://127.0.0.1:{settings.flower_port}  " if flower else "")
+            + "(Ctrl-C stops everything)",
+            flush=True,
+        )
+        exited = sup.wait()
+        if exited:
+            log.error("%s exited; stopping the stack", exited)
+        return 0 if exited is None else 1
+    finally:
+        sup.stop()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _maybe_spawn_scheduler(sup: Supervisor) -> None:
+    try:
+        import scheduler.main  # noqa: F401  (present once the scheduler is built)
+    except ImportError:
+        return
+    sup.spawn("scheduler", [sys.executable, "-m", "lmqueue.cli", "scheduler"])

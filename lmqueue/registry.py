@@ -1,0 +1,105 @@
+"""The served-model registry, readable without torch (the API validates model names with it).
+
+Sources, first match wins:
+1. `LMQUEUE_MODELS_FILE` -> a TOML file with one `[models.NAME]` table per model;
+2. `LMQUEUE_MODELS` -> "name=path_or_hub_id[,name2=...]" with default settings per model.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmqueue.settings import Settings, get_settings
+
+Task = Literal["generate", "embed"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "bnb-int8", "bnb-nf4", "gptq", "cpu-int8"]
+
+
+class ModelSpec(BaseModel):
+    """How one model is served. Quantization is always explicit, never guessed from a name."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
+    path: str  # local directory or hub id: both go through from_pretrained(path)
+    task: Task = "generate"
+    dtype: DType = "auto"
+    quantization: Quantization = "none"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_context: int = Field(default=0, ge=0)  # 0 = the model config's max_position_embeddings
+    max_batch_size: int = Field(default=0, ge=0)  # 0 = the global setting
+    max_wait_ms: int = Field(default=-1, ge=-1)  # -1 = the global setting
+    max_batch_tokens: int = Field(default=0, ge=0)  # 0 = the global setting
+    trust_remote_code: bool = False
+
+    def endpoints(self) -> tuple[str, ...]:
+        if self.task == "embed":
+            return ("/v1/embeddings",)
+        return ("/v1/completions", "/v1/chat/completions")
+
+    def batch_size(self, settings: Settings) -> int:
+        return self.max_batch_size or settings.max_batch_size
+
+    def wait_ms(self, settings: Settings) -> int:
+        return settings.max_wait_ms if self.max_wait_ms < 0 else self.max_wait_ms
+
+    def batch_tokens(self, settings: Settings) -> int:
+        return self.max_batch_tokens or settings.max_batch_tokens
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def _from_file(path: Path) -> dict[str, ModelSpec]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RegistryError(f"cannot read models file {path}: {exc}") from exc
+    specs: dict[str, ModelSpec] = {}
+    for name, table in (data.get("models") or {}).items():
+        try:
+            specs[name] = ModelSpec(name=name, **table)
+        except (ValidationError, TypeError) as exc:
+            raise RegistryError(f"{path}: model {name!r} is invalid: {exc}") from exc
+    return specs
+
+
+def _from_shortcut(value: str) -> dict[str, ModelSpec]:
+    specs: dict[str, ModelSpec] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RegistryError(f"LMQUEUE_MODELS entry {item!r} is not name=path")
+        specs[name] = ModelSpec(name=name, path=path)
+    return specs
+
+
+def load_registry(settings: Settings) -> dict[str, ModelSpec]:
+    if settings.models_file:
+        return _from_file(settings.models_file)
+    return _from_shortcut(settings.models)
+
+
+@lru_cache(maxsize=8)
+def _cached(models_file: Path | None, models: str) -> dict[str, ModelSpec]:
+    return load_registry(Settings(models_file=models_file, models=models))
+
+
+def get_registry() -> dict[str, ModelSpec]:
+    settings = get_settings()
+    return _cached(settings.models_file, settings.models)
+
+
+def get_model(name: str) -> ModelSpec:
+    registry = get_registry()
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "none"
+        raise RegistryError(f"model {name!r} is not served here (served: {known})")
+    return registry[name]

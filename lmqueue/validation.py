@@ -1,0 +1,66 @@
+"""Validation of one inference request, shared by single jobs and bulk JSONL lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from lmqueue.registry import RegistryError, get_model
+from lmqueue.schemas import ENDPOINTS, parse_body
+
+
+class InvalidRequest(ValueError):
+    """A request that can never succeed; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def _pydantic_message(exc: ValidationError, prefix: str) -> tuple[str, str]:
+    parts, first = [], ""
+    for err in exc.errors()[:5]:
+        field = ".".join([prefix, *(str(p) for p in err["loc"])]) if err["loc"] else prefix
+        first = first or field
+        parts.append(f"{field}: {err['msg']}")
+    return "; ".join(parts), first
+
+
+def check_request(endpoint: str, body: Any, model: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Validate an endpoint + OpenAI body; returns (model name, body as sent).
+
+    The body's own `model` is used when `model` is not given; when both are, they must agree.
+    """
+    if endpoint not in ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}", "endpoint"
+        )
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object", "body")
+    body_model = body.get("model")
+    if model and body_model and body_model != model:
+        raise InvalidRequest(
+            f"body.model {body_model!r} differs from model {model!r}", "body.model"
+        )
+    name = model or body_model
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("model is required", "model")
+    try:
+        spec = get_model(name)
+    except RegistryError as exc:
+        raise InvalidRequest(str(exc), "model", code="model_not_found") from exc
+    if endpoint not in spec.endpoints():
+        raise InvalidRequest(
+            f"model {name!r} ({spec.task}) does not serve {endpoint}; it serves "
+            + ", ".join(spec.endpoints()),
+            "endpoint",
+            code="unsupported_endpoint",
+        )
+    full = {**body, "model": name}
+    try:
+        parse_body(endpoint, full)
+    except ValidationError as exc:
+        message, param = _pydantic_message(exc, "body")
+        raise InvalidRequest(message, param) from exc
+    return name, full

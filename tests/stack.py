@@ -1,0 +1,196 @@
+"""A running lmqueue stack for tests: migrated database, API server and worker processes,
+all real, talking to a real Redis."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.orm import Session
+
+from lmqueue.contract import queue_name, redis_queue_keys
+from lmqueue.migrate import upgrade_head
+from lmqueue.models import Job, JobStatus
+from tests.services import Proc, free_port, python_argv, wait_until
+
+TERMINAL = set(JobStatus.TERMINAL)
+
+
+@dataclass
+class Stack:
+    database_url: str
+    redis_url: str
+    models: dict[str, Path]
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    queue_prefix: str = field(default_factory=lambda: f"lmqtest{os.getpid()}x{os.urandom(3).hex()}")
+    api: Proc | None = None
+    workers: list[Proc] = field(default_factory=list)
+    base_url: str = ""
+    _engine: Engine | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("LMQUEUE_") and k not in ("DATABASE_URL", "REDIS_URL")
+        }
+        env.update(
+            {
+                "DATABASE_URL": self.database_url,
+                "REDIS_URL": self.redis_url,
+                "LMQUEUE_QUEUE_PREFIX": self.queue_prefix,
+                "LMQUEUE_MODELS": ",".join(f"{n}={p}" for n, p in self.models.items()),
+                "LMQUEUE_EMBEDDED_REDIS": "never",
+                "LMQUEUE_HEARTBEAT_S": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def migrate(self) -> None:
+        upgrade_head(self.database_url)
+
+    def start_api(self) -> None:
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.api = Proc(
+            "api",
+            python_argv(
+                "-m",
+                "uvicorn",
+                "api.app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ),
+            self.env,
+            self.log_dir,
+        )
+        wait_until(self._api_up, 60, "the API to answer /healthz")
+
+    def _api_up(self) -> bool:
+        assert self.api is not None
+        if not self.api.alive():
+            raise RuntimeError(f"API exited:\n{self.api.tail()}")
+        try:
+            return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_worker(
+        self,
+        model: str,
+        concurrency: int = 32,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+    ) -> Proc:
+        from lmqueue.cli import worker_argv
+
+        worker_env = {
+            **self.env,
+            "LMQUEUE_QUEUE_PREFIX": self.queue_prefix,
+            "LMQUEUE_WORKER_MODEL": model,
+            **(env or {}),
+        }
+        argv = worker_argv(model, concurrency, queue=self.queue(model))
+        argv[argv.index("--loglevel") + 1] = "INFO"
+        proc = Proc(f"worker-{model}", argv, worker_env, self.log_dir)
+        self.workers.append(proc)
+        if wait_ready:
+            wait_until(lambda: self._worker_ready(proc), 120, f"worker for {model} to be ready")
+        return proc
+
+    def _worker_ready(self, proc: Proc) -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"worker exited:\n{proc.tail()}")
+        return "ready." in proc.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.workers.clear()
+        if self.api:
+            self.api.stop()
+        self.purge_queues()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def purge_queues(self) -> None:
+        r = redis.Redis.from_url(self.redis_url)
+        for model in self.models:
+            keys = redis_queue_keys(self.queue(model))
+            r.delete(*keys)
+        r.close()
+
+    def queue(self, model: str) -> str:
+        from lmqueue.settings import Settings
+
+        return queue_name(model, Settings(queue_prefix=self.queue_prefix))
+
+    # --- talking to it ------------------------------------------------------------------------
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
+
+    def submit(self, client: httpx.Client, model: str, prompt: str, **body: Any) -> str:
+        resp = client.post(
+            "/v1/jobs",
+            json={
+                "model": model,
+                "endpoint": "/v1/completions",
+                "body": {"prompt": prompt, "temperature": 0, **body},
+            },
+        )
+        assert resp.status_code == 202, resp.text
+        return str(resp.json()["id"])
+
+    def wait_job(self, client: httpx.Client, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
+            return job if job["status"] in TERMINAL else None
+
+        return wait_until(done, timeout_s, f"job {job_id} to finish", every_s=0)  # type: ignore[no-any-return]
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_engine(self.database_url)
+        return self._engine
+
+    def jobs(self, ids: Iterable[str]) -> list[Job]:
+        with Session(self.engine) as s:
+            return list(s.scalars(select(Job).where(Job.id.in_(list(ids)))))
+
+    def wait_jobs_done(self, ids: list[str], timeout_s: float = 300) -> list[Job]:
+        def done() -> list[Job] | None:
+            rows = self.jobs(ids)
+            return (
+                rows if len(rows) == len(ids) and all(j.status in TERMINAL for j in rows) else None
+            )
+
+        return wait_until(done, timeout_s, f"{len(ids)} jobs to finish", every_s=0.25)  # type: ignore[no-any-return]
+
+    def worker_logs(self) -> str:
+        return "\n\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,1 @@
+"""Celery workers: micro-batcher and inference engine. The only package that imports torch."""

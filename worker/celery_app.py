@@ -1,0 +1,32 @@
+"""The worker's Celery app. Start it with `lmqueue worker` (threads pool: safe with CUDA)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_shutdown
+
+from lmqueue.broker import celery_config
+from lmqueue.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+app = Celery("lmqueue-worker")
+app.conf.update(celery_config(get_settings()))
+app.conf.imports = ("worker.tasks",)
+
+
+@worker_init.connect
+def _load_model(sender: Any = None, **_: Any) -> None:
+    from worker.runtime import start_runtime
+
+    start_runtime(getattr(sender, "hostname", None) or "worker")
+
+
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    from worker.runtime import stop_runtime
+
+    stop_runtime()

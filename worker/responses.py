@@ -1,0 +1,72 @@
+"""OpenAI-shaped response bodies and error objects built from engine results."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lmqueue.schemas import CHAT
+from worker.engine import GenResult, RequestError
+
+
+def usage(result: GenResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def completion_body(job_id: str, endpoint: str, model: str, result: GenResult) -> dict[str, Any]:
+    created = int(time.time())
+    if endpoint == CHAT:
+        return {
+            "id": f"chatcmpl-{job_id}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": usage(result),
+        }
+    return {
+        "id": f"cmpl-{job_id}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": result.text,
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": usage(result),
+    }
+
+
+def request_error(exc: RequestError) -> dict[str, Any]:
+    return {
+        "code": exc.code,
+        "message": exc.message,
+        "param": exc.param,
+        "type": "invalid_request_error",
+        "status_code": 400,
+    }
+
+
+def server_error(code: str, message: str) -> dict[str, Any]:
+    return {
+        "code": code,
+        "message": message,
+        "param": None,
+        "type": "server_error",
+        "status_code": 500,
+    }
