@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from lmqueue Settings (or -x url=...), never from alembic.ini."""
+"""Alembic environment: the URL comes from lmqueue Settings (or -x url=...), not alembic.ini."""
 
 from __future__ import annotations
 
