@@ -227,6 +227,11 @@ def test_no_chat_template(hf: tuple[Any, Any]) -> None:
     assert info.value.code == "chat_template_missing"
     assert info.value.as_dict()["code"] == "chat_template_missing"
 
+    plain.chat_template = "{{ raise_exception('this model takes no system prompt') }}"
+    with pytest.raises(RequestError) as info:
+        engine.prompt_ids(CHAT, {"messages": [{"role": "system", "content": "hi"}]})
+    assert info.value.code == "chat_template_error" and "no system prompt" in info.value.message
+
 
 # ---- generation -----------------------------------------------------------------------------
 
