@@ -65,7 +65,7 @@ class _Recipe:
 RECIPES: dict[str, _Recipe] = {
     # ~0.3M params: loads in well under a second, used by the test suite.
     "tiny": _Recipe(2000, 64, 2, 4, 2, 128, 256),
-    # ~34M params: big enough that batching matters, small enough for a CPU benchmark.
+    # ~42M params: big enough that batching matters, small enough for a CPU benchmark.
     "bench": _Recipe(8000, 512, 8, 8, 8, 2048, 2048),
 }
 
