@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_wait_ms: int = Field(default=20, ge=0, le=60_000)
     max_batch_tokens: int = Field(default=16_384, ge=64)
-    worker_concurrency: int = Field(default=0, ge=0, description="0 = max_batch_size")
+    worker_concurrency: int = Field(
+        default=0, ge=0, description="messages a worker holds at once; 0 = 2 x max_batch_size"
+    )
     # Above the longest allowed job, so a long job's message is never redelivered while it runs.
     visibility_timeout_s: int = 3600
     lease_s: float = 60.0
@@ -69,7 +71,9 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'lmqueue.db').resolve()}"
 
     def effective_concurrency(self) -> int:
-        return self.worker_concurrency or self.max_batch_size
+        # Double buffering: while one micro-batch runs, the next one fills from held messages,
+        # so the model never waits on the broker. Still bounded: no worker hoards the queue.
+        return self.worker_concurrency or 2 * self.max_batch_size
 
 
 @lru_cache(maxsize=1)

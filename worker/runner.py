@@ -116,7 +116,14 @@ class BatchRunner:
 
     def _generate(self, chunk: list[Prepared]) -> list[Outcome]:
         microbatch_id = new_id("mb")
+        t0 = time.perf_counter()
         results = self.engine.generate([r.request for r in chunk])
+        log.info(
+            "generate: %d rows, longest prompt %d tokens, %.2f s",
+            len(chunk),
+            max(len(r.request.prompt_ids) for r in chunk),
+            time.perf_counter() - t0,
+        )
         outcomes = []
         for row, res in zip(chunk, results, strict=True):
             o = Outcome(row.item.job_id, microbatch_id=microbatch_id, microbatch_size=len(chunk))
