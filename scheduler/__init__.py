@@ -1,0 +1,3 @@
+"""The scheduler process: autoscaling reconcile loop, backends, and recovery of lost work.
+
+Imports neither torch nor FastAPI."""
