@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from api.auth import get_principal
 from api.errors import APIError
 from lmqueue.registry import RegistryError, get_model, get_registry
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=[Depends(get_principal)])
 
 
 def _model_object(name: str) -> dict[str, Any]:
