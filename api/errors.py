@@ -60,7 +60,9 @@ async def _validation_error(_req: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_req: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+        exc.status_code
+    )
     return JSONResponse(
         error_body(str(exc.detail), type_, None, code),
         exc.status_code,

@@ -12,11 +12,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from api.admission import admit, admitted
 from api.deps import get_owner, get_session
 from api.errors import APIError
 from lmqueue import jobs as q
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
+from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from lmqueue.models import Job, JobStatus
 from lmqueue.settings import get_settings
 from lmqueue.validation import InvalidRequest, check_request
@@ -49,7 +51,15 @@ def submit_job(
         model, body = check_request(req.endpoint, req.body, req.model)
     except InvalidRequest as exc:
         raise APIError(400, exc.message, param=exc.param, code=exc.code) from exc
-    priority = get_settings().default_priority if req.priority is None else req.priority
+    settings = get_settings()
+    if req.timeout is not None and req.timeout > settings.max_job_timeout_s:
+        raise APIError(
+            400,
+            f"timeout: at most {settings.max_job_timeout_s:g} seconds on this server",
+            param="timeout",
+        )
+    admit(session, owner, model, 1, idempotency_key)
+    priority = settings.default_priority if req.priority is None else req.priority
     try:
         job, created = q.create_job(
             session,
@@ -65,6 +75,8 @@ def submit_job(
         raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
     if created:
         session.commit()  # the store holds the job before any worker can see its message
+        admitted(owner, model)
+        JOBS_SUBMITTED.labels(model).inc()
         enqueue_jobs(model, [job.id], priority)
         q.mark_enqueued(session, [job.id])
     return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
@@ -123,7 +135,9 @@ def cancel_job(
     job = q.get_job(session, owner, job_id)
     if job is None:
         raise _not_found(job_id)
-    if not q.cancel_job(session, job) and job.status != JobStatus.CANCELLED:
+    if q.cancel_job(session, job):
+        JOBS_FINISHED.labels(job.model, JobStatus.CANCELLED).inc()
+    elif job.status != JobStatus.CANCELLED:
         raise APIError(
             409,
             f"job {job_id} is {job.status}; only a queued job can be cancelled",
