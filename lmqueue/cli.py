@@ -34,7 +34,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lmqueue.exposure import api_problems, ensure_safe
+    from lmqueue.exposure import ExposureError, api_problems, ensure_safe
     from lmqueue.settings import reset_settings
 
     s = get_settings()
@@ -42,7 +42,11 @@ def cmd_api(args: argparse.Namespace) -> int:
     # The app re-checks at startup from the host setting, so pass the real bind address on.
     os.environ["LMQUEUE_API_HOST"] = host
     reset_settings()
-    ensure_safe(api_problems(get_settings(), host), "the API")
+    try:
+        ensure_safe(api_problems(get_settings(), host), "the API")
+    except ExposureError as exc:
+        print(f"lmqueue: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run("api.app:app", host=host, port=args.port or s.api_port, log_level="info")
     return 0
 
@@ -102,11 +106,15 @@ def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from lmqueue.exposure import ensure_safe, flower_problems
+    from lmqueue.exposure import ExposureError, ensure_safe, flower_problems
 
     s = get_settings()
     address = args.address or s.flower_host
-    ensure_safe(flower_problems(s, address), "Flower")
+    try:
+        ensure_safe(flower_problems(s, address), "Flower")
+    except ExposureError as exc:
+        print(f"lmqueue: {exc}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if s.flower_basic_auth:  # Flower reads FLOWER_BASIC_AUTH itself; never put it in argv
         env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth
