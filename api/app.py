@@ -10,6 +10,7 @@ from fastapi import FastAPI
 import lmqueue
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
+from api.openapi import install_openapi
 from api.routes import admin, health, jobs, metrics, models
 from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.settings import get_settings
@@ -26,6 +27,7 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     app = FastAPI(title="lmqueue", version=lmqueue.__version__, lifespan=_lifespan)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodyLimitMiddleware)
     metrics.install_queue_collector()
     app.include_router(health.router)

@@ -1,5 +1,8 @@
-"""Request body limits: 413 before the body is read when Content-Length says it is too large,
-and 413 while reading when a body without Content-Length (chunked) grows past the limit.
+"""Request hygiene and size limits, before any route runs.
+
+- A NUL in the URL is a 400 (Postgres text cannot hold it; better refused than a failed query).
+- A body whose Content-Length is over the limit is a 413 before it is read; a body without
+  Content-Length (chunked) is counted as it arrives and is a 413 once it passes the limit.
 
 Pure ASGI (not BaseHTTPMiddleware) so it can count the bytes as they are received.
 """
@@ -37,10 +40,14 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            # Postgres text cannot hold NUL: refuse it here rather than fail in a query.
+            await _send_error(send, 400, "the URL must not contain NUL (%00) characters")
+            return
         limit, what = body_limit(scope["path"])
         length = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
         if length.isdigit() and int(length) > limit:
-            await _send_413(send, f"{what} is {length} bytes; the limit is {limit}")
+            await _send_error(send, 413, f"{what} is {length} bytes; the limit is {limit}")
             return
         received = 0
         started = False
@@ -64,15 +71,16 @@ class BodyLimitMiddleware:
         except BodyTooLarge as exc:  # read outside a route (another middleware): answer here
             if started:
                 raise
-            await _send_413(send, str(exc.detail))
+            await _send_error(send, 413, str(exc.detail))
 
 
-async def _send_413(send: Send, message: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error", None, "request_too_large"))
+async def _send_error(send: Send, status: int, message: str) -> None:
+    code = "request_too_large" if status == 413 else "invalid_value"
+    body = json.dumps(error_body(message, "invalid_request_error", None, code))
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
         }
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.concurrency import run_in_threadpool
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from api.admission import admit, admitted
 from api.deps import get_owner, get_session
 from api.errors import APIError
+from api.openapi import errors
 from lmqueue import jobs as q
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
@@ -23,14 +24,15 @@ from lmqueue.models import Job, JobStatus
 from lmqueue.settings import get_settings
 from lmqueue.validation import InvalidRequest, check_request
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=errors(400, 401, 404, 413))
 
 
 class SubmitJob(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # strict: the documented types only ("5" is not a priority, 0 is not a bool)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str | None = Field(default=None, max_length=200)
-    endpoint: str = Field(max_length=40)
+    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
     body: dict[str, Any]
     priority: int | None = Field(default=None, ge=0, le=9, description="0-9, 9 runs first")
     timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
@@ -40,7 +42,7 @@ def _not_found(job_id: str) -> APIError:
     return APIError(404, f"no job {job_id!r}", code="not_found", param="job_id")
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, responses=errors(409, 429))
 def submit_job(
     req: SubmitJob,
     session: Annotated[Session, Depends(get_session)],
@@ -126,7 +128,7 @@ def list_jobs(
     }
 
 
-@router.post("/v1/jobs/{job_id}/cancel")
+@router.post("/v1/jobs/{job_id}/cancel", responses=errors(409))
 def cancel_job(
     job_id: str,
     session: Annotated[Session, Depends(get_session)],
