@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.ops_support import ROOT, as_key, auth_stack, create_key
+from tests.ops_support import as_key, auth_stack, create_key
 from tests.services import fresh_postgres_database, postgres_admin_url
 from tests.stack import Stack
 
@@ -93,7 +93,8 @@ def test_schemathesis_finds_no_server_errors(stack: Stack, admin_key: str, tmp_p
         str(report),
     ]
     env = {**os.environ, "NO_COLOR": "1"}
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=220)
+    # cwd: schemathesis keeps a cache folder where it runs; keep it out of the work tree.
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=220)
     summary: dict[str, Any] = json.loads(report.read_text())
     cases = summary["test_cases"]
     print(
