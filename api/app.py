@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 import lmqueue
-from api.errors import error_body, install_error_handlers
-from api.routes import health, jobs, models
+from api.errors import install_error_handlers
+from api.limits import BodyLimitMiddleware
+from api.openapi import install_openapi
+from api.routes import admin, health, jobs, metrics, models
+from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.settings import get_settings
 
 
-def _body_size_limit(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def limit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        limit_bytes = get_settings().max_request_bytes
-        if request.url.path.startswith("/v1/files"):
-            return await call_next(request)  # uploads have their own, larger limit
-        if length and length.isdigit() and int(length) > limit_bytes:
-            msg = f"request body is {length} bytes; the limit is {limit_bytes}"
-            return JSONResponse(error_body(msg, "invalid_request_error", None, "too_large"), 413)
-        return await call_next(request)
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # Refuse to serve other machines without keys or with placeholder secrets. The host setting
+    # is the bind address: `lmqueue api` passes its --host on in LMQUEUE_API_HOST.
+    ensure_safe(api_problems(get_settings()), "the API")
+    yield
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="lmqueue", version=lmqueue.__version__)
+    app = FastAPI(title="lmqueue", version=lmqueue.__version__, lifespan=_lifespan)
     install_error_handlers(app)
-    _body_size_limit(app)
+    install_openapi(app)
+    app.add_middleware(BodyLimitMiddleware)
+    metrics.install_queue_collector()
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(admin.router)
     return app
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
+from fastapi import Depends
 from sqlalchemy.orm import Session
 
+from api.auth import get_principal
 from lmqueue.db import get_sessionmaker
+from lmqueue.keys import Principal
 
 
 def get_session() -> Iterator[Session]:
@@ -21,6 +25,8 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-def get_owner() -> str:
-    """The owner of the objects a request may see. Auth (API keys) replaces this."""
-    return ""
+def get_owner(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+    """The owner of the objects a request may see: the caller's API key id ("" with auth off).
+
+    Every query filters on it, so another key's object is simply not found (404)."""
+    return principal.key_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,15 +61,48 @@ async def _validation_error(_req: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_req: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+        exc.status_code
+    )
+    message = str(exc.detail)
+    if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body"
+        message = "the JSON body is nested too deeply"
     return JSONResponse(
-        error_body(str(exc.detail), type_, None, code),
+        error_body(message, type_, None, code),
         exc.status_code,
         headers=getattr(exc, "headers", None),
     )
 
 
+def _routes(routes: Iterable[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(prefix, route) for every route, through FastAPI's lazily included routers."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes, prefix + route.include_context.prefix)
+        else:
+            yield prefix, route
+
+
+async def _method_not_allowed(req: Request, exc: Exception) -> JSONResponse:
+    """405 whose Allow header lists every method of the path: Starlette lists only the methods
+    of the first route that matched the path, when GET and POST are separate routes."""
+    path, methods = req.url.path, set()
+    for prefix, route in _routes(req.app.router.routes):
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex and route_methods and path.startswith(prefix) and regex.match(path[len(prefix) :]):
+            methods |= set(route_methods)
+    allow = ", ".join(sorted(methods))
+    message = f"{req.method} is not allowed here; allowed: {allow}"
+    return JSONResponse(
+        error_body(message, "invalid_request_error", None, "method_not_allowed"),
+        405,
+        headers={"Allow": allow},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(405, _method_not_allowed)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationError, _validation_error)

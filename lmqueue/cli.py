@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from lmqueue.keys_cli import add_keys_commands
 from lmqueue.settings import get_settings
 
 log = logging.getLogger("lmqueue")
@@ -33,10 +34,20 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lmqueue.exposure import ExposureError, api_problems, ensure_safe
+    from lmqueue.settings import reset_settings
+
     s = get_settings()
-    uvicorn.run(
-        "api.app:app", host=args.host or s.api_host, port=args.port or s.api_port, log_level="info"
-    )
+    host = args.host or s.api_host
+    # The app re-checks at startup from the host setting, so pass the real bind address on.
+    os.environ["LMQUEUE_API_HOST"] = host
+    reset_settings()
+    try:
+        ensure_safe(api_problems(get_settings(), host), "the API")
+    except ExposureError as exc:
+        print(f"lmqueue: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run("api.app:app", host=host, port=args.port or s.api_port, log_level="info")
     return 0
 
 
@@ -77,10 +88,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     env = {**os.environ, "LMQUEUE_WORKER_MODEL": model}
     argv = worker_argv(model, args.concurrency or s.effective_concurrency())
-    return subprocess.call(argv, env=env)
+    # exec, not a child: SIGTERM (docker stop) must reach Celery for its warm shutdown.
+    os.execve(argv[0], argv, env)
 
 
-def flower_argv(port: int) -> list[str]:
+def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -89,12 +101,25 @@ def flower_argv(port: int) -> list[str]:
         "worker.celery_app",
         "flower",
         f"--port={port}",
-        "--address=127.0.0.1",
+        f"--address={address}",
     ]
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    return subprocess.call(flower_argv(args.port or get_settings().flower_port))
+    from lmqueue.exposure import ExposureError, ensure_safe, flower_problems
+
+    s = get_settings()
+    address = args.address or s.flower_host
+    try:
+        ensure_safe(flower_problems(s, address), "Flower")
+    except ExposureError as exc:
+        print(f"lmqueue: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    if s.flower_basic_auth:  # Flower reads FLOWER_BASIC_AUTH itself; never put it in argv
+        env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth
+    argv = flower_argv(args.port or s.flower_port, address)
+    os.execve(argv[0], argv, env)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -204,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("flower", help="run Flower against the configured broker")
     f.add_argument("--port", type=int)
+    f.add_argument("--address", help="bind address (default LMQUEUE_FLOWER_HOST)")
     f.set_defaults(fn=cmd_flower)
 
     s = sub.add_parser("submit", help="submit one job")
@@ -226,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("out", type=Path)
     b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
     b.set_defaults(fn=cmd_build_demo_model)
+
+    add_keys_commands(sub)
     return p
 
 

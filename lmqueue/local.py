@@ -34,6 +34,8 @@ def _child_env(redis_url: str, database_url: str, models: str | None) -> dict[st
     env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
     if models:
         env["LMQUEUE_MODELS"] = models
+    # One user on this machine, everything bound to loopback: no API keys unless asked for.
+    env.setdefault("LMQUEUE_AUTH_ENABLED", "false")
     return env
 
 

@@ -51,6 +51,9 @@ class Job(Base):
         Index("ix_jobs_status_model", "status", "model"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_owner_id", "owner", "id"),
+        # Admission control: backlog per key, and each model's drain rate (finished lately).
+        Index("ix_jobs_owner_status", "owner", "status"),
+        Index("ix_jobs_model_finished_at", "model", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -60,6 +60,33 @@ class Settings(BaseSettings):
     # --- flower ------------------------------------------------------------------------------
     flower_port: int = 5555
 
+    # --- operations ----------------------------------------------------------------------------
+    auth_enabled: bool = Field(
+        default=True,
+        description="API keys required; off only for a loopback-bound local run (lmqueue up)",
+    )
+    flower_basic_auth: str = Field(
+        default="",
+        validation_alias=AliasChoices("LMQUEUE_FLOWER_BASIC_AUTH", "FLOWER_BASIC_AUTH"),
+        description="Flower's basic auth, user:password[,user2:password2]",
+    )
+    flower_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="a worker's Prometheus port; 0 = off"
+    )
+    worker_metrics_host: str = "127.0.0.1"
+    max_backlog_per_key: int = Field(
+        default=10_000, ge=0, description="queued+running jobs one API key may have; 0 = no limit"
+    )
+    max_backlog_per_model: int = Field(
+        default=100_000, ge=0, description="queued+running jobs per model; 0 = no limit"
+    )
+    admission_cache_s: float = Field(default=1.0, ge=0, le=60)
+    max_job_timeout_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="the largest per-job timeout a request may ask"
+    )
+    max_upload_bytes: int = Field(default=200_000_000, ge=1, description="one /v1/files upload")
+
     @field_validator("models_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,6 +28,21 @@ def _pydantic_message(exc: ValidationError, prefix: str) -> tuple[str, str]:
     return "; ".join(parts), first
 
 
+def reject_non_finite(value: Any, prefix: str = "body") -> None:
+    """NaN and Infinity are not JSON (Python's parser lets them through): name the first one.
+
+    Iterative, so a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [(prefix, value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidRequest(f"{path}: must be a finite number, got {v}", path)
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}", item) for k, item in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
+
+
 def check_request(endpoint: str, body: Any, model: str | None = None) -> tuple[str, dict[str, Any]]:
     """Validate an endpoint + OpenAI body; returns (model name, body as sent).
 
@@ -38,6 +54,7 @@ def check_request(endpoint: str, body: Any, model: str | None = None) -> tuple[s
         )
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object", "body")
+    reject_non_finite(body)
     body_model = body.get("model")
     if model and body_model and body_model != model:
         raise InvalidRequest(

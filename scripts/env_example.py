@@ -19,6 +19,21 @@ def env_names(name: str, field: object) -> str:
     return str(choices[0]) if choices else f"LMQUEUE_{name.upper()}"
 
 
+# Read by `docker compose` only (docker-compose.yml interpolates them), never by lmqueue itself.
+# Passwords end up in URLs: use URL-safe ones (e.g. `openssl rand -hex 24`).
+COMPOSE_ONLY: dict[str, tuple[str, str]] = {
+    "COMPOSE_PROFILES": ("cpu", "which worker `docker compose up` starts: cpu, or gpu (NVIDIA)"),
+    "POSTGRES_USER": ("lmqueue", ""),
+    "POSTGRES_PASSWORD": ("", "required, URL-safe"),
+    "POSTGRES_DB": ("lmqueue", ""),
+    "REDIS_PASSWORD": ("", "required, URL-safe"),
+    "LMQUEUE_MODELS_DIR": ("./models", "host folder mounted read-only at /models in workers"),
+    "HF_TOKEN": ("", "hub token for gated models"),
+    "HF_HUB_OFFLINE": ("0", "1: load models only from /models and the cache"),
+    "TORCH_INDEX_URL": ("", "worker image build: a CPU-only torch wheel index (smaller image)"),
+}
+
+
 def render() -> str:
     lines = ["# lmqueue settings: every variable with its default. Copy to .env and edit.", ""]
     for name, field in Settings.model_fields.items():
@@ -27,6 +42,11 @@ def render() -> str:
         if field.description:
             lines.append(f"# {field.description}")
         lines.append(f"{env_names(name, field)}={value}")
+    lines += ["", "# --- docker compose only (docker-compose.yml) ---"]
+    for name, (value, description) in COMPOSE_ONLY.items():
+        if description:
+            lines.append(f"# {description}")
+        lines.append(f"{name}={value}")
     return "\n".join(lines) + "\n"
 
 

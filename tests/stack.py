@@ -53,6 +53,8 @@ class Stack:
                 "LMQUEUE_MODELS": ",".join(f"{n}={p}" for n, p in self.models.items()),
                 "LMQUEUE_EMBEDDED_REDIS": "never",
                 "LMQUEUE_HEARTBEAT_S": "1",
+                # Tests talk to a loopback API without keys; auth tests turn it on in extra_env.
+                "LMQUEUE_AUTH_ENABLED": "false",
                 "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent),

@@ -25,6 +25,8 @@ class WorkItem:
     endpoint: str
     body: dict[str, Any]
     deadline_at: float | None = None
+    created_at: float | None = None  # for the latency metrics
+    started_at: float | None = None
     future: Future[None] = field(default_factory=Future)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from lmqueue.db import session_scope
 from lmqueue.jobs import Outcome, store_outcomes
+from lmqueue.metrics import record_microbatch, record_outcome
 from lmqueue.models import new_id
 from lmqueue.schemas import ChatBody, CompletionBody, parse_body
 from worker.batcher import WorkItem
@@ -64,12 +65,13 @@ class BatchRunner:
         self.max_rows, self.max_tokens = max_rows, max_tokens
 
     def __call__(self, items: list[WorkItem]) -> None:
+        by_id = {item.job_id: item for item in items}
         rows, failed = self._prepare(items)
         if failed:
-            self._store(failed)
+            self._store(failed, by_id)
         rows.sort(key=lambda r: len(r.request.prompt_ids))
         for chunk in chunk_by_tokens(rows, self.max_rows, self.max_tokens):
-            self._store(self._generate_split_on_error(chunk))
+            self._store(self._generate_split_on_error(chunk), by_id)
 
     def _prepare(self, items: list[WorkItem]) -> tuple[list[Prepared], list[Outcome]]:
         rows: list[Prepared] = []
@@ -118,11 +120,12 @@ class BatchRunner:
         microbatch_id = new_id("mb")
         t0 = time.perf_counter()
         results = self.engine.generate([r.request for r in chunk])
+        seconds = time.perf_counter() - t0
         log.info(
             "generate: %d rows, longest prompt %d tokens, %.2f s",
             len(chunk),
             max(len(r.request.prompt_ids) for r in chunk),
-            time.perf_counter() - t0,
+            seconds,
         )
         outcomes = []
         for row, res in zip(chunk, results, strict=True):
@@ -133,8 +136,20 @@ class BatchRunner:
             else:
                 o.error = request_error(res)
             outcomes.append(o)
+        record_microbatch(
+            self.model,
+            len(chunk),
+            sum(o.prompt_tokens or 0 for o in outcomes),
+            sum(o.completion_tokens or 0 for o in outcomes),
+            seconds,
+        )
         return outcomes
 
-    def _store(self, outcomes: list[Outcome]) -> None:
+    def _store(self, outcomes: list[Outcome], items: dict[str, WorkItem]) -> None:
         with session_scope() as session:
             store_outcomes(session, outcomes, self.worker)
+        finished = time.time()
+        for o in outcomes:
+            item = items.get(o.job_id)
+            created, started = (item.created_at, item.started_at) if item else (None, None)
+            record_outcome(self.model, o.status, created, started, finished)

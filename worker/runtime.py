@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy.dialects import postgresql, sqlite
 
 from lmqueue.db import get_engine, session_scope
 from lmqueue.jobs import renew_leases
+from lmqueue.metrics import MODEL_LOAD_TIME, start_worker_metrics
 from lmqueue.models import WorkerRecord, now
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
@@ -101,7 +103,11 @@ def start_runtime(celery_hostname: str) -> WorkerRuntime:
     global _runtime
     settings = get_settings()
     spec = get_model(served_model_name(settings))
+    if settings.worker_metrics_port:
+        start_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
+    t0 = time.perf_counter()
     engine = load_engine(spec)
+    MODEL_LOAD_TIME.labels(spec.name).set(time.perf_counter() - t0)
     hostname = f"{celery_hostname}/{os.getpid()}"
     runner = BatchRunner(
         engine, spec.name, hostname, spec.batch_size(settings), spec.batch_tokens(settings)

@@ -35,7 +35,10 @@ def process_jobs(self: Any, job_ids: list[str]) -> dict[str, int]:
     settings = get_settings()
     with session_scope() as session:
         jobs = claim_jobs(session, payload.job_ids, runtime.hostname, settings.lease_s)
-        items = [WorkItem(j.id, j.endpoint, dict(j.body), j.deadline_at) for j in jobs]
+        items = [
+            WorkItem(j.id, j.endpoint, dict(j.body), j.deadline_at, j.created_at, j.started_at)
+            for j in jobs
+        ]
     ids = [i.job_id for i in items]
     runtime.track(ids)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.concurrency import run_in_threadpool
@@ -12,23 +12,27 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from api.admission import admit, admitted
 from api.deps import get_owner, get_session
 from api.errors import APIError
+from api.openapi import errors
 from lmqueue import jobs as q
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
+from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from lmqueue.models import Job, JobStatus
 from lmqueue.settings import get_settings
 from lmqueue.validation import InvalidRequest, check_request
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=errors(400, 401, 404, 413))
 
 
 class SubmitJob(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # strict: the documented types only ("5" is not a priority, 0 is not a bool)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str | None = Field(default=None, max_length=200)
-    endpoint: str = Field(max_length=40)
+    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
     body: dict[str, Any]
     priority: int | None = Field(default=None, ge=0, le=9, description="0-9, 9 runs first")
     timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
@@ -38,7 +42,7 @@ def _not_found(job_id: str) -> APIError:
     return APIError(404, f"no job {job_id!r}", code="not_found", param="job_id")
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, responses=errors(409, 429))
 def submit_job(
     req: SubmitJob,
     session: Annotated[Session, Depends(get_session)],
@@ -49,7 +53,15 @@ def submit_job(
         model, body = check_request(req.endpoint, req.body, req.model)
     except InvalidRequest as exc:
         raise APIError(400, exc.message, param=exc.param, code=exc.code) from exc
-    priority = get_settings().default_priority if req.priority is None else req.priority
+    settings = get_settings()
+    if req.timeout is not None and req.timeout > settings.max_job_timeout_s:
+        raise APIError(
+            400,
+            f"timeout: at most {settings.max_job_timeout_s:g} seconds on this server",
+            param="timeout",
+        )
+    admit(session, owner, model, 1, idempotency_key)
+    priority = settings.default_priority if req.priority is None else req.priority
     try:
         job, created = q.create_job(
             session,
@@ -65,6 +77,8 @@ def submit_job(
         raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
     if created:
         session.commit()  # the store holds the job before any worker can see its message
+        admitted(owner, model)
+        JOBS_SUBMITTED.labels(model).inc()
         enqueue_jobs(model, [job.id], priority)
         q.mark_enqueued(session, [job.id])
     return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
@@ -114,7 +128,7 @@ def list_jobs(
     }
 
 
-@router.post("/v1/jobs/{job_id}/cancel")
+@router.post("/v1/jobs/{job_id}/cancel", responses=errors(409))
 def cancel_job(
     job_id: str,
     session: Annotated[Session, Depends(get_session)],
@@ -123,7 +137,9 @@ def cancel_job(
     job = q.get_job(session, owner, job_id)
     if job is None:
         raise _not_found(job_id)
-    if not q.cancel_job(session, job) and job.status != JobStatus.CANCELLED:
+    if q.cancel_job(session, job):
+        JOBS_FINISHED.labels(job.model, JobStatus.CANCELLED).inc()
+    elif job.status != JobStatus.CANCELLED:
         raise APIError(
             409,
             f"job {job_id} is {job.status}; only a queued job can be cancelled",

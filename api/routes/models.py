@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from api.auth import get_principal
 from api.errors import APIError
+from api.openapi import errors
 from lmqueue.registry import RegistryError, get_model, get_registry
 
-router = APIRouter(tags=["models"])
+router = APIRouter(
+    tags=["models"], dependencies=[Depends(get_principal)], responses=errors(401, 404)
+)
 
 
 def _model_object(name: str) -> dict[str, Any]:

@@ -1,0 +1,164 @@
+"""Admission control and request limits against a real API (auth on): a full backlog per key or
+per model is a 429 with Retry-After from the measured drain rate; oversized bodies are 413s,
+with or without Content-Length; a timeout above the server's maximum is a 400."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.orm import Session
+
+from lmqueue.models import Job, JobStatus, new_id
+from tests.ops_support import as_key, auth_stack, create_key
+from tests.services import wait_until
+from tests.stack import Stack
+
+pytestmark = pytest.mark.timeout(120)
+
+PER_KEY, PER_MODEL, MAX_BODY = 3, 5, 20_000
+
+
+@pytest.fixture(scope="module")
+def stack(
+    database_url: str,
+    redis_url: str,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    st = auth_stack(
+        database_url,
+        redis_url,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("logs"),
+        LMQUEUE_MAX_BACKLOG_PER_KEY=str(PER_KEY),
+        LMQUEUE_MAX_BACKLOG_PER_MODEL=str(PER_MODEL),
+        LMQUEUE_ADMISSION_CACHE_S="0.5",
+        LMQUEUE_MAX_REQUEST_BYTES=str(MAX_BODY),
+        LMQUEUE_MAX_JOB_TIMEOUT_S="100",
+    )
+    st.migrate()
+    try:
+        st.start_api()
+        yield st
+    finally:
+        st.stop()
+
+
+def _job(prompt: str, model: str = "idle", **extra: object) -> dict[str, object]:
+    return {"model": model, "endpoint": "/v1/completions", "body": {"prompt": prompt}, **extra}
+
+
+def _finished_jobs(stack: Stack, model: str, n: int, seconds_ago: float) -> None:
+    """Jobs that finished lately: what the drain rate is measured from."""
+    t = time.time() - seconds_ago
+    with Session(stack.engine) as s:
+        for _ in range(n):
+            s.add(
+                Job(
+                    id=new_id("job"),
+                    owner="someone-else",
+                    model=model,
+                    endpoint="/v1/completions",
+                    body={},
+                    status=JobStatus.SUCCEEDED,
+                    priority=5,
+                    created_at=t - 1,
+                    finished_at=t,
+                )
+            )
+        s.commit()
+
+
+def test_backlog_limits_per_key_and_per_model(stack: Stack) -> None:
+    a, b = create_key(stack, "a"), create_key(stack, "b")
+    with as_key(stack, a) as alice, as_key(stack, b) as bob:
+        ids = [alice.post("/v1/jobs", json=_job(f"a{i}")).json()["id"] for i in range(PER_KEY)]
+        full = alice.post("/v1/jobs", json=_job("one too many"))
+        assert full.status_code == 429, full.text
+        err = full.json()["error"]
+        assert err["code"] == "rate_limit_exceeded"
+        assert f"has {PER_KEY} jobs queued or running; the limit is {PER_KEY}" in err["message"]
+        assert full.headers["retry-after"] == "60"  # nothing drained lately: ask in a minute
+
+        # A retry of an accepted request is never refused: it creates nothing.
+        idem = {"Idempotency-Key": "retry-me"}
+        assert bob.post("/v1/jobs", json=_job("idem"), headers=idem).status_code == 202
+        assert bob.post("/v1/jobs", json=_job("idem"), headers=idem).status_code == 200
+
+        # Bob has room, the model has PER_MODEL - PER_KEY - 1 = 1 slot left.
+        assert bob.post("/v1/jobs", json=_job("b1")).status_code == 202
+        model_full = bob.post("/v1/jobs", json=_job("b2"))
+        assert model_full.status_code == 429
+        assert "model 'idle'" in model_full.json()["error"]["message"]
+        assert model_full.json()["error"]["param"] == "model"
+
+        # Another model is not affected by idle's backlog.
+        assert bob.post("/v1/jobs", json=_job("other", model="tiny")).status_code == 202
+
+        # Room again once jobs leave the backlog (after the short count cache expires).
+        assert alice.post(f"/v1/jobs/{ids[0]}/cancel").status_code == 200
+        wait_until(
+            lambda: alice.post("/v1/jobs", json=_job("again")).status_code == 202,
+            10,
+            "a cancelled job to free a slot",
+            every_s=0.2,
+        )
+
+        # Retry-After follows the measured drain rate: 30 jobs in the last minute = 0.5/s.
+        _finished_jobs(stack, "idle", 30, seconds_ago=10)
+
+        def paced() -> bool:
+            resp = alice.post("/v1/jobs", json=_job("paced"))
+            assert resp.status_code == 429, resp.text
+            return resp.headers["retry-after"] == "2"  # 1 job over the limit at 0.5 jobs/s
+
+        wait_until(paced, 10, "Retry-After to follow the drain rate", every_s=0.2)
+
+
+def test_timeout_above_the_server_maximum_is_a_400(stack: Stack) -> None:
+    key = create_key(stack, "timeouts")
+    with as_key(stack, key) as client:
+        resp = client.post("/v1/jobs", json=_job("slow", model="tiny", timeout=101))
+        assert resp.status_code == 400
+        assert resp.json()["error"]["param"] == "timeout"
+        assert "at most 100 seconds" in resp.json()["error"]["message"]
+        ok = client.post("/v1/jobs", json=_job("fine", model="tiny", timeout=50))
+        assert ok.status_code == 202, ok.text
+    (job,) = stack.jobs([ok.json()["id"]])
+    assert job.deadline_at is not None
+    assert job.deadline_at - job.created_at == pytest.approx(50)
+
+
+def test_oversized_bodies_get_413_with_and_without_content_length(stack: Stack) -> None:
+    key = create_key(stack, "big")
+    big = b'{"model": "tiny", "endpoint": "/v1/completions", "body": {"prompt": "' + (
+        b"x" * (MAX_BODY + 10) + b'"}}'
+    )
+    with as_key(stack, key) as client:
+        sized = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+        assert sized.status_code == 413
+        assert f"the limit is {MAX_BODY}" in sized.json()["error"]["message"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding: chunked
+            for i in range(0, len(big), 4096):
+                yield big[i : i + 4096]
+
+        chunked = client.post(
+            "/v1/jobs", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert chunked.status_code == 413, chunked.text
+        assert f"limit of {MAX_BODY} bytes" in chunked.json()["error"]["message"]
+        assert chunked.json()["error"]["code"] == "request_too_large"
+
+        small = client.post("/v1/jobs", content=iter([b'{"model": "tiny"}']))
+        assert small.status_code == 400  # read in full, then validated as usual
+
+
+def test_429_is_counted_in_metrics(stack: Stack) -> None:
+    text = httpx.get(f"{stack.base_url}/metrics").text
+    assert 'lmqueue_admission_rejections_total{limit="key"}' in text
+    assert 'lmqueue_admission_rejections_total{limit="model"}' in text

@@ -1,0 +1,175 @@
+"""Observability against a real stack: Flower (behind basic auth) shows each request's Celery
+task reaching SUCCESS; Prometheus metrics on the API (queue depth) and on the worker (micro-batch,
+tokens, outcomes, model load time); /readyz reports what is missing."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kombu import Connection
+
+from lmqueue.broker import celery_config
+from lmqueue.db import make_engine
+from lmqueue.readiness import readiness
+from lmqueue.settings import Settings
+from tests.services import Proc, free_port, python_argv, wait_until
+from tests.stack import Stack
+
+pytestmark = pytest.mark.timeout(180)
+
+FLOWER_AUTH = ("ops", "s3cret-flower-pass")
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    db = f"sqlite:///{tmp_path_factory.mktemp('obs') / 'lmqueue.db'}"
+    st = Stack(
+        db,
+        redis_url,
+        {"tiny": tiny_model_dir, "idle": tiny_model_dir},
+        tmp_path_factory.mktemp("l"),
+    )
+    st.migrate()
+    try:
+        st.start_api()
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture(scope="module")
+def flower(stack: Stack) -> Iterator[str]:
+    """`lmqueue flower` as a process, basic auth from LMQUEUE_FLOWER_BASIC_AUTH."""
+    port = free_port()
+    env = {**stack.env, "LMQUEUE_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
+    argv = python_argv("-m", "lmqueue.cli", "flower", "--port", str(port))
+    proc = Proc("flower", argv, env, stack.log_dir)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"flower exited:\n{proc.tail()}")
+        try:
+            return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 60, "Flower to answer")
+        yield url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def worker_metrics(stack: Stack, flower: str) -> str:
+    """A worker for "tiny" serving Prometheus metrics (started after Flower listens)."""
+    port = free_port()
+    stack.start_worker("tiny", env={"LMQUEUE_WORKER_METRICS_PORT": str(port)})
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one Prometheus sample, or None when it is absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name:
+            got = ",".join(sorted((m.group(2) or "").split(","))) if m.group(2) else ""
+            if got == want:
+                return float(m.group(3))
+    return None
+
+
+def test_flower_shows_the_request_task_succeeding(
+    stack: Stack, flower: str, worker_metrics: str
+) -> None:
+    assert httpx.get(f"{flower}/api/tasks", timeout=5).status_code == 401
+    assert httpx.get(f"{flower}/api/tasks", auth=("ops", "wrong"), timeout=5).status_code == 401
+    with stack.client() as client:
+        job_id = stack.submit(client, "tiny", "seen by flower", max_tokens=2)
+        assert stack.wait_job(client, job_id)["status"] == "succeeded"
+
+    def task() -> dict[str, Any] | None:
+        resp = httpx.get(
+            f"{flower}/api/tasks",
+            params={"taskname": "lmqueue.process_jobs"},
+            auth=FLOWER_AUTH,
+            timeout=5,
+        )
+        assert resp.status_code == 200, resp.text
+        for t in resp.json().values():
+            if job_id in str(t.get("kwargs")) and t["state"] == "SUCCESS":
+                return dict(t)
+        return None
+
+    found = wait_until(task, 30, "Flower to show the task as SUCCESS", every_s=0.3)
+    assert found["name"] == "lmqueue.process_jobs"
+    assert found["worker"].startswith("tiny-")
+
+
+def test_worker_metrics(stack: Stack, worker_metrics: str) -> None:
+    with stack.client() as client:
+        ids = [stack.submit(client, "tiny", f"metrics {i}", max_tokens=3) for i in range(4)]
+        jobs = [stack.wait_job(client, i) for i in ids]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    text = httpx.get(worker_metrics, timeout=5).text
+    tiny = {"model": "tiny"}
+    assert (sample(text, "lmqueue_batch_size_count", **tiny) or 0) >= 1
+    assert (sample(text, "lmqueue_batch_size_sum", **tiny) or 0) >= 4
+    prompt = sum(j["response"]["usage"]["prompt_tokens"] for j in jobs)
+    completion = sum(j["response"]["usage"]["completion_tokens"] for j in jobs)
+    assert (sample(text, "lmqueue_prompt_tokens_total", **tiny) or 0) >= prompt
+    assert (sample(text, "lmqueue_generation_tokens_total", **tiny) or 0) >= completion
+    assert (sample(text, "lmqueue_generation_tokens_per_second", **tiny) or 0) > 0
+    assert (sample(text, "lmqueue_jobs_finished_total", model="tiny", status="succeeded") or 0) >= 4
+    assert (sample(text, "lmqueue_e2e_request_latency_seconds_count", **tiny) or 0) >= 4
+    assert (sample(text, "lmqueue_request_queue_time_seconds_count", **tiny) or 0) >= 4
+    assert (sample(text, "lmqueue_model_load_seconds", **tiny) or 0) > 0
+
+
+def test_api_metrics_report_queue_depth(stack: Stack) -> None:
+    with stack.client() as client:
+        ids = [stack.submit(client, "idle", f"waiting {i}") for i in range(3)]
+        text = client.get("/metrics").text
+        assert sample(text, "lmqueue_queue_depth", model="idle", state="waiting") == 3
+        assert sample(text, "lmqueue_num_requests_waiting", model="idle") == 3
+        assert (sample(text, "lmqueue_jobs_submitted_total", model="idle") or 0) >= 3
+
+        # A message delivered and not yet acked counts as reserved, not waiting.
+        opts = celery_config(Settings(redis_url=stack.redis_url))["broker_transport_options"]
+        with Connection(stack.redis_url, transport_options=opts) as conn:
+            queue = conn.SimpleQueue(stack.queue("idle"), no_ack=False)
+            message = queue.get(timeout=10)
+            text = client.get("/metrics").text
+            assert sample(text, "lmqueue_queue_depth", model="idle", state="waiting") == 2
+            assert sample(text, "lmqueue_queue_depth", model="idle", state="reserved") == 1
+            message.requeue()
+            queue.close()
+        text = client.get("/metrics").text
+        assert sample(text, "lmqueue_queue_depth", model="idle", state="reserved") == 0
+        for i in ids:
+            client.post(f"/v1/jobs/{i}/cancel")
+        text = client.get("/metrics").text
+    assert sample(text, "lmqueue_num_requests_waiting", model="idle") == 0
+    assert (sample(text, "lmqueue_jobs_finished_total", model="idle", status="cancelled")) == 3
+
+
+def test_readyz(stack: Stack, tmp_path: Path) -> None:
+    resp = httpx.get(f"{stack.base_url}/readyz", timeout=5)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["checks"] == {"store": "ok", "broker": "ok"}
+
+    # The same checks against an empty database and a Redis that is not there.
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    problems = readiness(engine, f"redis://127.0.0.1:{free_port()}/0")
+    engine.dispose()
+    assert "migrations not at head" in (problems["store"] or "")
+    assert "does not answer" in (problems["broker"] or "")
