@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 import lmqueue
 from api.errors import error_body, install_error_handlers
-from api.routes import health, jobs, models
+from api.routes import batches, files, health, jobs, models
 from lmqueue.settings import get_settings
 
 
@@ -35,6 +35,8 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(files.router)  # bulk batches
+    app.include_router(batches.router)  # bulk batches
     return app
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from lmqueue.cli_batch import add_batch_commands
 from lmqueue.settings import get_settings
 
 log = logging.getLogger("lmqueue")
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("out", type=Path)
     b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
     b.set_defaults(fn=cmd_build_demo_model)
+
+    add_batch_commands(sub)  # lmqueue batch run|status|cancel|retry|results
     return p
 
 
