@@ -365,22 +365,25 @@ def advance_batch(session: Session, batch_id: str) -> Batch | None:
 
 
 def advance_batches(session: Session, limit: int = 1000) -> int:
-    """Advance every active batch (for the scheduler's periodic loop); the caller commits.
-    Returns how many batches changed status."""
+    """Advance every active batch: the scheduler process calls this periodically. Each batch is
+    advanced and committed in its own transaction; one that fails is rolled back and logged,
+    and the others go on. Returns how many batches changed status."""
     ids = session.scalars(
         select(Batch.id).where(Batch.status.in_(ACTIVE)).order_by(Batch.id).limit(limit)
     ).all()
-    changed = 0
+    session.commit()
     settings = get_settings()
+    changed = 0
     for batch_id in ids:
-        batch = session.get(Batch, batch_id, populate_existing=True)
-        if batch is None:
-            continue
-        before = batch.status
         try:
-            with session.begin_nested():
-                _advance(session, batch, settings)
+            batch = session.get(Batch, batch_id, populate_existing=True)
+            if batch is None:
+                continue
+            before = batch.status
+            _advance(session, batch, settings)
+            session.commit()
         except Exception:  # one broken batch must not stop the others
+            session.rollback()
             log.exception("advancing batch %s failed", batch_id)
             continue
         changed += batch.status != before

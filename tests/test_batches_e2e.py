@@ -15,7 +15,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from lmqueue.batches import advance_batches
-from lmqueue.models import Batch, Job
+from lmqueue.broker import reset_producer
+from lmqueue.models import Batch, FileObject, Job, new_id, now
+from lmqueue.settings import reset_settings
 from tests.batch_helpers import (
     batch_stack,
     content_lines,
@@ -200,6 +202,8 @@ def test_cancel_mid_run_keeps_finished_lines_and_pages_results(bstack: Stack) ->
         assert page(4) == (["done-0", "done-1", "done-2", "done-3"], False)
         assert page(4) == (["done-4", "done-5"], False)
         assert page(4) == ([], False)  # the rest is still queued
+        running = client.batches.retrieve(batch.id)
+        assert running.estimated_completion_at >= running.in_progress_at  # type: ignore[attr-defined]
 
         client.batches.cancel(batch.id)
         batch = wait_done(client, batch.id)
@@ -417,3 +421,60 @@ def test_cli_batch_run(bstack: Stack, tmp_path: Path) -> None:
         check=True,
     )
     assert len(results.stdout.splitlines()) == 6 and "complete" in results.stderr
+
+
+@pytest.fixture
+def producer_for(bstack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Let this test process send messages to the stack's queues (as the scheduler would)."""
+    monkeypatch.setenv("LMQUEUE_QUEUE_PREFIX", bstack.queue_prefix)
+    monkeypatch.setenv("REDIS_URL", bstack.redis_url)
+    reset_settings()
+    reset_producer()
+    yield
+    monkeypatch.undo()
+    reset_settings()
+    reset_producer()
+
+
+def test_stale_validating_batches_are_recovered(bstack: Stack, producer_for: None) -> None:
+    """The API process died while ingesting: with its lines committed (but never enqueued) the
+    batch is resumed; with nothing committed it fails. Done by advance_batches."""
+    long_ago = now() - 3600
+    resumed, lost = new_id("batch"), new_id("batch")
+    with Session(bstack.engine) as s:
+        s.add(FileObject(id=new_id("file"), filename="x", purpose="batch", created_at=long_ago))
+        for batch_id in (resumed, lost):
+            s.add(
+                Batch(
+                    id=batch_id,
+                    endpoint="/v1/completions",
+                    input_file_id="file_gone",
+                    completion_window="24h",
+                    status="validating",
+                    created_at=long_ago,
+                    expires_at=now() + 3600,
+                )
+            )
+        for i in range(3):
+            body = {"model": "tiny", "prompt": f"x{i}", "max_tokens": 2, "temperature": 0}
+            s.add(
+                Job(
+                    id=f"{resumed}_{i}",
+                    model="tiny",
+                    endpoint="/v1/completions",
+                    body=body,
+                    batch_id=resumed,
+                    custom_id=f"r{i}",
+                    line_no=i + 1,
+                    priority=2,
+                )
+            )
+        s.commit()
+        assert advance_batches(s) >= 2
+        s.commit()
+    client = sdk(bstack)
+    failed = client.batches.retrieve(lost)
+    assert failed.status == "failed"
+    assert failed.errors.data[0].code == "validation_interrupted"  # type: ignore[union-attr]
+    batch = wait_done(client, resumed)
+    assert batch.status == "completed" and batch.request_counts.completed == 3
