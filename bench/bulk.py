@@ -1,7 +1,7 @@
 """Requests/s through the bulk batch path, against a raw Redis list loop in the same run.
 
 Bulk path: a real API and one Celery worker serving the test-only echo model (`echo:`: no
-weights, no torch compute), SQLite by default (BENCH_DATABASE_URL for Postgres). An N-line
+weights, no torch compute), SQLite by default (BENCH_DB=postgres for PostgreSQL). An N-line
 file is uploaded, the batch created, and the clock runs from create until `completed` (every
 line validated, inserted, enqueued in 32-id messages, claimed, echoed, stored).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import make_stack, now, upload, wait_batch, write_input  # noqa: E402
+from bench.common import bench_stack, now, upload, wait_batch, write_input  # noqa: E402
 
 
 def _consume(redis_url: str, key: str, n: int) -> None:
@@ -63,8 +63,7 @@ def raw_redis_loop(redis_url: str, n: int) -> float:
 
 def bulk_path(n: int, env: dict[str, str]) -> tuple[float, float]:
     """(requests/s from create to completed, upload seconds) through lmqueue's batch path."""
-    st = make_stack({"null": "echo:"}, env)
-    try:
+    with bench_stack({"null": "echo:"}, env) as st:
         st.start_api()
         st.start_worker("null", concurrency=32)
         path = Path(tempfile.mkdtemp()) / "input.jsonl"
@@ -83,8 +82,6 @@ def bulk_path(n: int, env: dict[str, str]) -> tuple[float, float]:
         counts = done["request_counts"]
         assert done["status"] == "completed" and counts["completed"] == n, done
         return n / (t2 - t1), t1 - t0
-    finally:
-        st.stop()
 
 
 def main(n: int = 20_000, env: dict[str, str] | None = None) -> None:

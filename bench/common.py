@@ -7,14 +7,15 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.services import wait_until  # noqa: E402
+from tests.services import fresh_postgres_database, wait_until  # noqa: E402
 from tests.stack import Stack  # noqa: E402
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
@@ -53,19 +54,30 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def make_stack(models: dict[str, str], extra_env: dict[str, str] | None = None) -> Stack:
+@contextmanager
+def bench_stack(models: dict[str, str], extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A migrated, not yet started stack; SQLite in a temp dir, or a fresh PostgreSQL database
+    with BENCH_DB=postgres. Stops everything (and drops the database) at the end."""
     tmp = Path(tempfile.mkdtemp(prefix="lmqbench-"))
     (tmp / "logs").mkdir()
-    db = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{tmp / 'bench.db'}"
     env = {
         "LMQUEUE_DATA_DIR": str(tmp / "data"),
         "LMQUEUE_MODELS": ",".join(f"{k}={v}" for k, v in models.items()),
         **(extra_env or {}),
     }
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    st = Stack(db, redis_url, {k: Path(v) for k, v in models.items()}, tmp / "logs", extra_env=env)
-    st.migrate()
-    return st
+    with ExitStack() as cleanup:
+        if os.environ.get("BENCH_DB") == "postgres":
+            db = cleanup.enter_context(fresh_postgres_database())
+        else:
+            db = f"sqlite:///{tmp / 'bench.db'}"
+        paths = {k: Path(v) for k, v in models.items()}
+        st = Stack(db, redis_url, paths, tmp / "logs", extra_env=env)
+        st.migrate()
+        try:
+            yield st
+        finally:
+            st.stop()
 
 
 def wait_batch(

@@ -1,9 +1,9 @@
 """How fast the API accepts a big batch, and how much memory it takes.
 
-Starts a real API (SQLite by default; BENCH_DATABASE_URL for Postgres) with a model that has no
-worker, uploads an N-line JSONL file (default 50,000), creates the batch and waits until it is
-`in_progress` (validated, inserted, enqueued). Prints the times and the API process's RSS
-before and its peak (VmHWM) after. Asserts nothing about speed.
+Starts a real API (SQLite by default; BENCH_DB=postgres for a fresh PostgreSQL database) with
+a model that has no worker, uploads an N-line JSONL file (default 50,000), creates the batch
+and waits until it is `in_progress` (validated, inserted, enqueued). Prints the times and the
+API process's RSS before and its peak (VmHWM) after. Asserts nothing about speed.
 
     python bench/ingest.py [N]
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    make_stack,
+    bench_stack,
     now,
     proc_status,
     upload,
@@ -29,8 +29,7 @@ TINY = Path.home() / ".cache" / "lmqueue-tests" / "tiny"
 
 
 def main(n: int = 50_000) -> None:
-    st = make_stack({"idle": str(TINY)})
-    try:
+    with bench_stack({"idle": str(TINY)}) as st:
         st.start_api()
         assert st.api is not None
         path = Path(tempfile.mkdtemp()) / "input.jsonl"
@@ -70,8 +69,6 @@ def main(n: int = 50_000) -> None:
             f"peak_after={after['VmHWM'] / 1024:.0f} MiB "
             f"growth={(after['VmHWM'] - before['VmRSS']) / 1024:.0f} MiB"
         )
-    finally:
-        st.stop()
 
 
 if __name__ == "__main__":
