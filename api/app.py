@@ -11,7 +11,7 @@ import lmqueue
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.openapi import install_openapi
-from api.routes import admin, health, jobs, metrics, models
+from api.routes import admin, batches, files, health, jobs, metrics, models
 from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.settings import get_settings
 
@@ -35,6 +35,8 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
+    app.include_router(files.router)  # bulk batches
+    app.include_router(batches.router)  # bulk batches
     return app
 
 

@@ -14,6 +14,9 @@ from lmqueue.keys import Principal
 
 
 def get_session() -> Iterator[Session]:
+    """A transaction per request. Declare it as `Depends(get_session, scope="function")`: the
+    default scope commits only after the response is sent, so a client that reads right after
+    a write (cancel, then get) could see the old state."""
     session = get_sessionmaker()()
     try:
         yield session

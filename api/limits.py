@@ -28,7 +28,9 @@ class BodyTooLarge(HTTPException):
 def body_limit(path: str) -> tuple[int, str]:
     s = get_settings()
     if path.startswith("/v1/files"):
-        return s.max_upload_bytes, "the upload"
+        # The multipart envelope (boundaries, part headers) rides on top of the file itself;
+        # the upload reader enforces the file's own limit exactly.
+        return s.batch_max_file_bytes + 64 * 1024, "the upload"
     return s.max_request_bytes, "the request body"
 
 

@@ -1,20 +1,116 @@
-"""Shared helpers for the benchmarks: the bench model, mixed-length prompts, a timer."""
+"""Shared helpers for the benchmarks: a real stack (API + workers), input files, the bench
+model, mixed-length prompts and a timer."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import sys
 import sysconfig
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.services import fresh_postgres_database, wait_until  # noqa: E402
+from tests.stack import Stack  # noqa: E402
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
 CACHE = Path.home() / ".cache" / "lmqueue-bench"
+
+
+def write_input(path: Path, n: int, model: str, max_tokens: int = 1) -> int:
+    """An OpenAI Batch input file of n /v1/completions lines; returns its size in bytes."""
+    with path.open("w") as f:
+        for i in range(n):
+            body = {
+                "model": model,
+                "prompt": f"request {i}: say something",
+                "max_tokens": max_tokens,
+            }
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"req-{i}",
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": body,
+                    }
+                )
+                + "\n"
+            )
+    return path.stat().st_size
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB, from /proc."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+@contextmanager
+def bench_stack(models: dict[str, str], extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A migrated, not yet started stack; SQLite in a temp dir, or a fresh PostgreSQL database
+    with BENCH_DB=postgres. Stops everything (and drops the database) at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix="lmqbench-"))
+    (tmp / "logs").mkdir()
+    env = {
+        "LMQUEUE_DATA_DIR": str(tmp / "data"),
+        "LMQUEUE_MODELS": ",".join(f"{k}={v}" for k, v in models.items()),
+        **(extra_env or {}),
+    }
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    with ExitStack() as cleanup:
+        if os.environ.get("BENCH_DB") == "postgres":
+            db = cleanup.enter_context(fresh_postgres_database())
+        else:
+            db = f"sqlite:///{tmp / 'bench.db'}"
+        paths = {k: Path(v) for k, v in models.items()}
+        st = Stack(db, redis_url, paths, tmp / "logs", extra_env=env)
+        st.migrate()
+        try:
+            yield st
+        finally:
+            st.stop()
+
+
+def wait_batch(
+    client: Any,
+    batch_id: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout_s: float = 600,
+    every_s: float = 0.05,
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        b: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").json()
+        return b if until(b) else None
+
+    return wait_until(check, timeout_s, f"batch {batch_id}", every_s=every_s)  # type: ignore[no-any-return]
+
+
+def upload(client: Any, path: Path) -> str:
+    with path.open("rb") as fh:
+        resp = client.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": (path.name, fh, "application/jsonl")},
+        )
+    resp.raise_for_status()
+    return str(resp.json()["id"])
+
+
+def now() -> float:
+    return time.perf_counter()
 
 
 def bench_model_dir(size: str = "bench") -> Path:

@@ -64,14 +64,23 @@ def reset_producer() -> None:
 
 
 def enqueue_jobs(
-    model: str, job_ids: Sequence[str], priority: int, app: Celery | None = None
+    model: str,
+    job_ids: Sequence[str],
+    priority: int,
+    app: Celery | None = None,
+    producer: Any = None,
 ) -> str:
-    """Send one message for `job_ids` (all of `model`) to the model's queue; returns the task id."""
+    """Send one message for `job_ids` (all of `model`) to the model's queue; returns the task id.
+
+    `producer`: a kombu Producer to reuse (bulk batches pass one inside `producer.batch()`, so
+    thousands of messages go to Redis in a few pipelined round trips).
+    """
     payload = ProcessJobs(job_ids=list(job_ids))
     result = (app or producer_app()).send_task(
         TASK_PROCESS_JOBS,
         kwargs=payload.model_dump(),
         queue=queue_name(model),
         priority=celery_priority(priority),
+        producer=producer,
     )
     return str(result.id)

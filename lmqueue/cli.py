@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from lmqueue.cli_batch import add_batch_commands
 from lmqueue.keys_cli import add_keys_commands
 from lmqueue.settings import get_settings
 
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build_demo_model)
 
     add_keys_commands(sub)
+    add_batch_commands(sub)  # lmqueue batch run|status|cancel|retry|results
     return p
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -175,28 +175,50 @@ class Outcome:
 
 def store_outcomes(session: Session, outcomes: Sequence[Outcome], worker: str) -> int:
     """Write results in one transaction. Only this worker's running jobs are updated, so a job
-    that someone else finished (or cancelled, or timed out) keeps its one stored outcome."""
-    t = now()
-    stored = 0
-    for o in outcomes:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == o.job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
-            .values(
-                status=o.status,
-                result=o.result,
-                error=o.error,
-                finished_at=t,
-                prompt_tokens=o.prompt_tokens,
-                completion_tokens=o.completion_tokens,
-                microbatch_id=o.microbatch_id,
-                microbatch_size=o.microbatch_size,
-                lease_expires_at=None,
-            )
-            .execution_options(synchronize_session=False)
+    that someone else finished (or cancelled, or timed out) keeps its one stored outcome.
+
+    One UPDATE statement run for every outcome (executemany): a statement per row cost ~0.5 ms
+    each in SQLAlchemy and capped a worker at ~2k results/s."""
+    if not outcomes:
+        return 0
+    jobs: Table = Job.__table__  # type: ignore[assignment]  # Core: executemany
+    stmt = (
+        update(jobs)
+        .where(
+            jobs.c.id == bindparam("o_id"),
+            jobs.c.status == JobStatus.RUNNING,
+            jobs.c.worker == bindparam("o_worker"),
         )
-        stored += result.rowcount  # type: ignore[attr-defined]
-    return stored
+        .values(
+            status=bindparam("o_status"),
+            result=bindparam("o_result", type_=jobs.c.result.type),
+            error=bindparam("o_error", type_=jobs.c.error.type),
+            finished_at=bindparam("o_at"),
+            prompt_tokens=bindparam("o_prompt"),
+            completion_tokens=bindparam("o_completion"),
+            microbatch_id=bindparam("o_mb"),
+            microbatch_size=bindparam("o_mb_size"),
+            lease_expires_at=None,
+        )
+    )
+    t = now()
+    params = [
+        {
+            "o_id": o.job_id,
+            "o_worker": worker,
+            "o_status": o.status,
+            "o_result": o.result,
+            "o_error": o.error,
+            "o_at": t,
+            "o_prompt": o.prompt_tokens,
+            "o_completion": o.completion_tokens,
+            "o_mb": o.microbatch_id,
+            "o_mb_size": o.microbatch_size,
+        }
+        for o in outcomes
+    ]
+    result = session.execute(stmt, params)
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def release_jobs(session: Session, job_ids: Sequence[str], worker: str) -> None:

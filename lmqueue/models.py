@@ -50,6 +50,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_status_model", "status", "model"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
+        Index("ix_jobs_batch_id_id", "batch_id", "id"),  # a batch's lines in order (0002)
         Index("ix_jobs_owner_id", "owner", "id"),
         # Admission control: backlog per key, and each model's drain rate (finished lately).
         Index("ix_jobs_owner_status", "owner", "status"),

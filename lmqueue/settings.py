@@ -85,7 +85,21 @@ class Settings(BaseSettings):
     max_job_timeout_s: float = Field(
         default=7 * 24 * 3600, gt=0, description="the largest per-job timeout a request may ask"
     )
-    max_upload_bytes: int = Field(default=200_000_000, ge=1, description="one /v1/files upload")
+
+    # --- bulk batches (OpenAI Files + Batch API) ---------------------------------------------
+    # Input files live under <data_dir>/files; generated output files are built from the jobs.
+    batch_max_lines: int = Field(default=50_000, ge=1, description="lines per batch input file")
+    batch_max_file_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1, description="one /v1/files upload"
+    )
+    # Below the interactive default (5), so single jobs jump ahead of bulk lines.
+    batch_priority: int = Field(default=2, ge=0, le=9)
+    # Job ids per Celery message: one message per line would cap throughput (~1.3 ms each).
+    batch_lines_per_message: int = Field(default=32, ge=1, le=1024)
+    batch_max_errors: int = Field(default=100, ge=1, description="validation errors reported")
+    batch_max_window_s: int = Field(default=30 * 24 * 3600, ge=1)
+    # A batch still `validating` after this long lost its API process: recover or fail it.
+    batch_stale_validation_s: float = Field(default=600.0, gt=0)
 
     @field_validator("models_file", mode="before")
     @classmethod

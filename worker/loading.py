@@ -100,6 +100,10 @@ def _max_context(spec: ModelSpec, config: Any, tokenizer: Any) -> int:
 
 def load_engine(spec: ModelSpec) -> Engine:
     """Load `spec` (tokenizer + causal LM) into an `Engine`; raises `ModelLoadError`."""
+    if spec.path.startswith("echo:"):  # test-only null model (benchmarks of the queue path)
+        from worker.echo import EchoEngine
+
+        return EchoEngine(spec.name)
     if spec.task != "generate":
         raise ModelLoadError(spec, f"task {spec.task!r} is not served by the generation engine")
     device = resolve_device(spec)

@@ -38,19 +38,25 @@ class CreateKey(BaseModel):
 
 
 @router.get("/keys")
-def list_keys(session: Annotated[Session, Depends(get_session)]) -> dict[str, Any]:
+def list_keys(
+    session: Annotated[Session, Depends(get_session, scope="function")],
+) -> dict[str, Any]:
     return {"object": "list", "data": [keys.key_to_dict(r) for r in keys.list_keys(session)]}
 
 
 @router.post("/keys", status_code=201)
-def create_key(req: CreateKey, session: Annotated[Session, Depends(get_session)]) -> JSONResponse:
+def create_key(
+    req: CreateKey, session: Annotated[Session, Depends(get_session, scope="function")]
+) -> JSONResponse:
     row, plaintext = keys.create_key(session, name=req.name, admin=req.admin)
     # The only response that ever carries the secret.
     return JSONResponse({**keys.key_to_dict(row), "key": plaintext}, status_code=201)
 
 
 @router.delete("/keys/{key_id}")
-def revoke_key(key_id: str, session: Annotated[Session, Depends(get_session)]) -> dict[str, Any]:
+def revoke_key(
+    key_id: str, session: Annotated[Session, Depends(get_session, scope="function")]
+) -> dict[str, Any]:
     row = keys.revoke_key(session, key_id)
     if row is None:
         raise APIError(404, f"no API key {key_id!r}", code="not_found", param="key_id")

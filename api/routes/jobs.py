@@ -45,7 +45,7 @@ def _not_found(job_id: str) -> APIError:
 @router.post("/v1/jobs", status_code=202, responses=errors(409, 429))
 def submit_job(
     req: SubmitJob,
-    session: Annotated[Session, Depends(get_session)],
+    session: Annotated[Session, Depends(get_session, scope="function")],
     owner: Annotated[str, Depends(get_owner)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
@@ -109,7 +109,7 @@ async def get_job(
 
 @router.get("/v1/jobs")
 def list_jobs(
-    session: Annotated[Session, Depends(get_session)],
+    session: Annotated[Session, Depends(get_session, scope="function")],
     owner: Annotated[str, Depends(get_owner)],
     status: Annotated[
         str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
@@ -131,7 +131,7 @@ def list_jobs(
 @router.post("/v1/jobs/{job_id}/cancel", responses=errors(409))
 def cancel_job(
     job_id: str,
-    session: Annotated[Session, Depends(get_session)],
+    session: Annotated[Session, Depends(get_session, scope="function")],
     owner: Annotated[str, Depends(get_owner)],
 ) -> dict[str, Any]:
     job = q.get_job(session, owner, job_id)

@@ -1,13 +1,13 @@
 """admission-control indexes: backlog per key, drain rate per model
 
 Revision ID: 0004_ops
-Revises: 0001
+Revises: 0002_batches
 """
 from alembic import op
 
 
 revision = "0004_ops"
-down_revision = "0001"
+down_revision = "0002_batches"
 branch_labels = None
 depends_on = None
 

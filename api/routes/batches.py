@@ -1,0 +1,197 @@
+"""OpenAI Batch API, plus partial results and retry_failed.
+
+Every read advances the batch's state first (lmqueue.batches.advance_batch semantics), so a
+client polling GET /v1/batches/{id} sees it progress even without a scheduler running.
+Routes commit before they answer: the session dependency commits only after the response is
+sent, and a client may use what it was told (an output file id) right away.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+
+from api.deps import get_owner, get_session
+from api.errors import APIError
+from lmqueue import batches as b
+from lmqueue import files as fs
+from lmqueue.batch_ingest import ingest_batch, retry_lines
+from lmqueue.batch_output import results_page
+from lmqueue.models import Batch
+from lmqueue.settings import get_settings
+
+router = APIRouter(tags=["batches"])
+
+RETRYABLE = (b.COMPLETED, b.EXPIRED, b.CANCELLED)
+
+
+class CreateBatch(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str = Field(min_length=1, max_length=40)
+    endpoint: str = Field(max_length=40)
+    completion_window: str = Field(default="24h", max_length=16)
+    metadata: dict[str, Any] | None = None
+
+
+def _api_error(exc: b.BatchInputError) -> APIError:
+    return APIError(exc.status, exc.message, code=exc.code, param=exc.param)
+
+
+def _load(session: Session, owner: str, batch_id: str) -> Batch:
+    batch = b.get_batch(session, owner, batch_id)
+    if batch is None:
+        raise APIError(404, f"no batch {batch_id!r}", code="not_found", param="batch_id")
+    return batch
+
+
+def _start(session: Session, batch: Batch, tasks: BackgroundTasks) -> dict[str, Any]:
+    session.add(batch)
+    session.commit()  # the row exists before the ingest task looks for it
+    tasks.add_task(ingest_batch, batch.id)
+    return b.batch_to_dict(batch)
+
+
+@router.post("/v1/batches")
+def create_batch(
+    req: CreateBatch,
+    tasks: BackgroundTasks,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+) -> dict[str, Any]:
+    """Answers at once with status `validating`; the file is validated and its lines enqueued
+    right after (a background task), then the batch is `in_progress` (or `failed`)."""
+    f = fs.get_file(session, owner, req.input_file_id)
+    if f is None:
+        msg = f"no file {req.input_file_id!r}"
+        raise APIError(404, msg, code="not_found", param="input_file_id")
+    if f.purpose != "batch":
+        msg = f"file {f.id} has purpose {f.purpose!r}; a batch needs a file with purpose 'batch'"
+        raise APIError(400, msg, code="invalid_value", param="input_file_id")
+    limit = get_settings().batch_max_lines
+    if (f.line_count or 0) > limit:
+        msg = f"file {f.id} has {f.line_count} lines; the limit is {limit}"
+        raise APIError(400, msg, code="too_many_lines", param="input_file_id")
+    try:
+        batch = b.new_batch(
+            owner=owner,
+            input_file_id=f.id,
+            endpoint=req.endpoint,
+            completion_window=req.completion_window,
+            metadata=req.metadata,
+        )
+    except b.BatchInputError as exc:
+        raise _api_error(exc) from exc
+    return _start(session, batch, tasks)
+
+
+@router.get("/v1/batches/{batch_id}")
+def retrieve_batch(
+    batch_id: str,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+) -> dict[str, Any]:
+    view = b.view_batches(session, [_load(session, owner, batch_id)])[0]
+    session.commit()  # before answering: the client may read what advancing wrote at once
+    return view
+
+
+@router.get("/v1/batches")
+def list_batches(
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+    after: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    rows, has_more = b.list_batches(session, owner, after=after, limit=limit)
+    data = b.view_batches(session, rows)
+    session.commit()
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+def cancel_batch(
+    batch_id: str,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+) -> dict[str, Any]:
+    batch = _load(session, owner, batch_id)
+    try:
+        b.cancel_batch(session, batch)
+    except b.BatchInputError as exc:
+        raise _api_error(exc) from exc
+    view = b.view_batches(session, [batch])[0]
+    session.commit()
+    return view
+
+
+@router.get("/v1/batches/{batch_id}/results")
+def batch_results(
+    batch_id: str,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+    after: Annotated[str, Query(max_length=40, description="X-Next-After of the last page")] = "",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Response:
+    """Finished lines (output-file shape, successes and errors together) as JSONL, in input
+    order. Headers: `X-Next-After` (pass as `after` next time) and `X-Results-Complete`
+    ("true" once every line of the batch has been returned). Each custom_id comes exactly
+    once across pages."""
+    batch = _load(session, owner, batch_id)
+    page = results_page(session, batch.id, after, limit, ingested=batch.status != b.VALIDATING)
+    headers = {
+        "X-Next-After": page.cursor,
+        "X-Results-Complete": "true" if page.complete else "false",
+        "X-Result-Lines": str(len(page.lines)),
+    }
+    return Response(b"".join(page.lines), media_type="application/jsonl", headers=headers)
+
+
+@router.post("/v1/batches/{batch_id}/retry_failed")
+def retry_failed(
+    batch_id: str,
+    tasks: BackgroundTasks,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+) -> dict[str, Any]:
+    """A child batch (`parent_batch_id`) of the failed and never-run lines of a finished one,
+    from a new input file holding just those lines."""
+    parent = _load(session, owner, batch_id)
+    b.view_batches(session, [parent])  # bring its status up to date first
+    session.commit()
+    if parent.status not in RETRYABLE:
+        msg = f"batch {batch_id} is {parent.status}; retry it once it is completed, expired or "
+        raise APIError(409, msg + "cancelled", code="not_finished")
+    if not parent.failed:
+        raise APIError(400, f"batch {batch_id} has no failed lines", code="nothing_to_retry")
+    settings = get_settings()
+    sink = fs.UploadSink(fs.files_dir(settings), settings.batch_max_file_bytes)
+    try:
+        for line in retry_lines(session, parent):
+            sink.write(line)
+        f = fs.store_upload(
+            session, sink, owner=owner, filename=f"{parent.id}_retry.jsonl", purpose="batch"
+        )
+    except fs.FileTooLarge as exc:
+        raise APIError(413, str(exc), code="file_too_large") from exc
+    finally:
+        sink.discard()
+    child = b.new_batch(
+        owner=owner,
+        input_file_id=f.id,
+        endpoint=parent.endpoint,
+        completion_window=parent.completion_window,
+        metadata=parent.metadata_,
+        parent_batch_id=parent.id,
+    )
+    return _start(session, child, tasks)

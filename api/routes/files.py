@@ -1,0 +1,152 @@
+"""OpenAI Files API (purpose "batch"): upload, retrieve, list, delete, content."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from python_multipart.exceptions import MultipartParseError
+from sqlalchemy.orm import Session
+
+from api.deps import get_owner, get_session
+from api.errors import APIError
+from api.upload import MultipartReceiver, UploadError
+from lmqueue import files as fs
+from lmqueue.db import session_scope
+from lmqueue.models import FileObject
+from lmqueue.settings import get_settings
+
+router = APIRouter(tags=["files"])
+
+MULTIPART_SLACK = 64 * 1024  # form fields and part headers around the file itself
+
+
+def _not_found(file_id: str) -> APIError:
+    return APIError(404, f"no file {file_id!r}", code="not_found", param="file_id")
+
+
+def _too_large(limit: int) -> APIError:
+    msg = f"the file is larger than {limit} bytes (the limit, LMQUEUE_BATCH_MAX_FILE_BYTES)"
+    return APIError(413, msg, code="file_too_large", param="file")
+
+
+async def _receive(request: Request, receiver: MultipartReceiver) -> None:
+    async for chunk in request.stream():
+        receiver.write(chunk)
+    receiver.finish()
+
+
+def _check_upload(receiver: MultipartReceiver, sink: fs.UploadSink) -> str:
+    settings = get_settings()
+    purpose = receiver.fields.get("purpose", "")
+    if purpose not in fs.UPLOAD_PURPOSES:
+        raise APIError(
+            400, f"purpose must be 'batch', got {purpose!r}", code="invalid_value", param="purpose"
+        )
+    if sink.lines > settings.batch_max_lines:
+        raise APIError(
+            400,
+            f"the file has {sink.lines} lines; the limit is {settings.batch_max_lines} "
+            "(LMQUEUE_BATCH_MAX_LINES)",
+            code="too_many_lines",
+            param="file",
+        )
+    return purpose
+
+
+def _store(sink: fs.UploadSink, owner: str, filename: str, purpose: str) -> dict[str, Any]:
+    with session_scope() as session:
+        row = fs.store_upload(session, sink, owner=owner, filename=filename, purpose=purpose)
+        return fs.file_to_dict(row)
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request, owner: Annotated[str, Depends(get_owner)]) -> Any:
+    """multipart/form-data with `purpose=batch` and `file`; streamed to disk, never in memory."""
+    limit = get_settings().batch_max_file_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + MULTIPART_SLACK:
+        raise _too_large(limit)
+    sink = fs.UploadSink(fs.files_dir(), limit)
+    try:
+        receiver = MultipartReceiver(request.headers.get("content-type", ""), sink)
+        await _receive(request, receiver)
+        purpose = _check_upload(receiver, sink)
+        return await run_in_threadpool(_store, sink, owner, receiver.filename or "", purpose)
+    except fs.FileTooLarge as exc:
+        raise _too_large(exc.limit) from exc
+    except (UploadError, MultipartParseError) as exc:
+        raise APIError(400, f"bad upload: {exc}", code="invalid_upload", param="file") from exc
+    finally:
+        sink.discard()  # a no-op once stored (the file was moved into place)
+
+
+def _load(session: Session, owner: str, file_id: str) -> FileObject:
+    f = fs.get_file(session, owner, file_id)
+    if f is None:
+        raise _not_found(file_id)
+    return f
+
+
+@router.get("/v1/files/{file_id}")
+def retrieve_file(
+    file_id: str,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+) -> dict[str, Any]:
+    f = _load(session, owner, file_id)
+    fs.ensure_measured(session, f)
+    session.commit()
+    return fs.file_to_dict(f)
+
+
+@router.get("/v1/files")
+def list_files(
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+    purpose: Annotated[str | None, Query(max_length=40)] = None,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
+) -> dict[str, Any]:
+    rows, has_more = fs.list_files(
+        session, owner, purpose=purpose, after=after, limit=limit, asc=order == "asc"
+    )
+    for f in rows:
+        fs.ensure_measured(session, f)
+    session.commit()
+    data = [fs.file_to_dict(f) for f in rows]
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+@router.delete("/v1/files/{file_id}")
+def delete_file(
+    file_id: str,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+) -> dict[str, Any]:
+    fs.delete_file(session, _load(session, owner, file_id))
+    session.commit()  # before answering (the session dependency commits after the response)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@router.get("/v1/files/{file_id}/content")
+def file_content(
+    file_id: str,
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    owner: Annotated[str, Depends(get_owner)],
+) -> StreamingResponse:
+    f = _load(session, owner, file_id)
+    if f.storage_path and not fs.content_path(f).exists():
+        raise APIError(404, f"the content of file {file_id!r} is gone", code="not_found")
+    chunks = fs.iter_content(session, f)
+    headers = {"Content-Disposition": f'attachment; filename="{f.filename}"'}
+    return StreamingResponse(chunks, media_type="application/jsonl", headers=headers)

@@ -1,0 +1,224 @@
+"""Ingest a batch: validate its input file in one streaming pass, insert one job per line in
+bulk, then enqueue the jobs in messages of many ids each.
+
+Runs after POST /v1/batches has answered (a FastAPI background task), or directly (tests).
+All job rows are inserted in ONE transaction, chunk by chunk as the file is read: a file with
+an invalid line rolls back, so nothing is enqueued, and memory stays flat whatever the size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.orm import Session
+
+from lmqueue.batches import (
+    IN_PROGRESS,
+    VALIDATING,
+    enqueue_lines,
+    fail_batch,
+)
+from lmqueue.db import get_sessionmaker, session_scope
+from lmqueue.files import content_path
+from lmqueue.jsonl import LineError, validate_file
+from lmqueue.models import Batch, FileObject, Job, JobStatus, now
+from lmqueue.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+INSERT_CHUNK = 1000
+RETRY_STATUSES = (JobStatus.FAILED, JobStatus.CANCELLED)
+# Core insert (executemany): no ORM unit-of-work per row.
+JOBS: Table = Job.__table__  # type: ignore[assignment]
+
+
+def job_id_prefix() -> str:
+    """Shared by all lines of one batch: the creation time in ms and 3 random bytes."""
+    return f"job_{int(now() * 1000):012x}{os.urandom(3).hex()}"
+
+
+def line_job_id(prefix: str, line_no: int) -> str:
+    """Job ids sort in input line order, so outputs and result pages come in file order."""
+    return f"{prefix}{line_no:08x}"
+
+
+@dataclass
+class Ingested:
+    total: int = 0
+    by_model: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings) -> Ingested:
+    """Validate every line; insert the valid ones in chunks until the first invalid one, then
+    only collect errors (up to batch_max_errors). The caller commits or rolls back."""
+    out = Ingested()
+    prefix, t = job_id_prefix(), now()
+    rows: list[dict[str, Any]] = []
+    lines = validate_file(
+        path,
+        batch.endpoint,
+        max_lines=settings.batch_max_lines,
+        max_line_bytes=settings.max_request_bytes,
+    )
+    for item in lines:
+        if isinstance(item, LineError):
+            out.errors.append(item.as_dict())
+            rows = []
+            if len(out.errors) >= settings.batch_max_errors:
+                break
+            continue
+        if out.errors:
+            continue  # keep reading only to report the other invalid lines
+        job_id = line_job_id(prefix, item.line_no)
+        rows.append(
+            _row(
+                batch,
+                job_id,
+                item.line_no,
+                item.custom_id,
+                item.model,
+                item.body,
+                t,
+                settings.batch_priority,
+            )
+        )
+        out.by_model[item.model].append(job_id)
+        out.total += 1
+        if len(rows) >= INSERT_CHUNK:
+            session.execute(insert(JOBS), rows)
+            rows = []
+    if rows and not out.errors:
+        session.execute(insert(JOBS), rows)
+    return out
+
+
+def _row(
+    batch: Batch,
+    job_id: str,
+    line_no: int,
+    custom_id: str,
+    model: str,
+    body: dict[str, Any],
+    t: float,
+    priority: int,
+) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "owner": batch.owner,
+        "model": model,
+        "endpoint": batch.endpoint,
+        "body": body,
+        "status": JobStatus.QUEUED,
+        "priority": priority,
+        "batch_id": batch.id,
+        "custom_id": custom_id,
+        "line_no": line_no,
+        "created_at": t,
+        # Set with the insert: a 50k-row UPDATE after sending cost seconds on Postgres. If the
+        # messages are never sent, the batch stays `validating` and recovery re-sends them.
+        "enqueued_at": t,
+        "attempts": 0,
+    }
+
+
+def _fail(batch_id: str, errors: list[dict[str, Any]]) -> None:
+    with session_scope() as session:
+        batch = session.get(Batch, batch_id)
+        if batch is not None:
+            fail_batch(session, batch, errors)
+
+
+def _input_path(session: Session, batch: Batch) -> Path | None:
+    f = session.get(FileObject, batch.input_file_id)
+    if f is None or f.deleted_at is not None or not f.storage_path:
+        return None
+    path = content_path(f)
+    return path if path.exists() else None
+
+
+def ingest_batch(batch_id: str) -> None:
+    """validating -> in_progress (lines inserted and enqueued) or -> failed (invalid lines)."""
+    settings = get_settings()
+    session = get_sessionmaker()()
+    try:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.status != VALIDATING:
+            return
+        path = _input_path(session, batch)
+        if path is None:
+            msg = f"the input file {batch.input_file_id} was deleted"
+            _fail(
+                batch_id,
+                [{"code": "input_file_missing", "message": msg, "param": None, "line": None}],
+            )
+            return
+        result = _insert_lines(session, batch, path, settings)
+        if result.errors:
+            session.rollback()
+            _fail(batch_id, result.errors)
+            return
+        models = list(result.by_model)
+        claimed = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == VALIDATING)
+            .values(total=result.total, model=models[0] if len(models) == 1 else None)
+        )
+        if not claimed.rowcount:  # type: ignore[attr-defined]
+            session.rollback()  # cancelled while we read the file: insert nothing
+            return
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        log.exception("ingesting batch %s failed", batch_id)
+        _fail(
+            batch_id,
+            [{"code": "internal_error", "message": str(exc)[:500], "param": None, "line": None}],
+        )
+        return
+    finally:
+        session.close()
+    _enqueue(batch_id, result, settings)
+
+
+def _enqueue(batch_id: str, result: Ingested, settings: Settings) -> None:
+    # If this fails (broker down), the batch stays `validating` and advance_batch re-sends
+    # the messages once it is stale (see batches._recover_validating).
+    enqueue_lines(result.by_model, settings)
+    t = now()
+    with session_scope() as session:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == VALIDATING)
+            .values(status=IN_PROGRESS, in_progress_at=t)
+        )
+    log.info("batch %s: %d lines enqueued", batch_id, result.total)
+
+
+# --- retry_failed -----------------------------------------------------------------------------
+
+
+def retry_lines(session: Session, batch: Batch, chunk: int = INSERT_CHUNK) -> Iterator[bytes]:
+    """The input lines of a batch's failed and never-run requests, in line order."""
+    after = ""
+    while True:
+        rows = session.execute(
+            select(Job.id, Job.custom_id, Job.body)
+            .where(Job.batch_id == batch.id, Job.id > after, Job.status.in_(RETRY_STATUSES))
+            .order_by(Job.id)
+            .limit(chunk)
+        ).all()
+        if not rows:
+            return
+        for _job_id, custom_id, body in rows:
+            line = {"custom_id": custom_id, "method": "POST", "url": batch.endpoint, "body": body}
+            yield json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        after = rows[-1][0]

@@ -1,0 +1,119 @@
+"""A batch's output and error lines, rendered on demand from its job rows (never copied).
+
+Line shape (OpenAI Batch API):
+    {"id": "batch_req_<job>", "custom_id": ..., "response": {"status_code", "request_id",
+     "body"} | null, "error": {"code", "message"} | null}
+A succeeded job goes to the output file (status_code 200, body = the OpenAI response). A failed
+one goes to the error file with its HTTP-like status and `{"error": {...}}` body; a line that
+never ran (cancelled or expired batch) goes there with `response: null` and an `error` whose
+code is `batch_cancelled` or `batch_expired`.
+
+Lines come in job id order, which is input line order (see batch_ingest.line_job_id).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, select
+from sqlalchemy.orm import Session
+
+from lmqueue.db import session_scope
+from lmqueue.models import Job, JobStatus
+
+OUTPUT_STATUSES = (JobStatus.SUCCEEDED,)
+ERROR_STATUSES = (JobStatus.FAILED, JobStatus.CANCELLED)
+RENDER_CHUNK = 1000
+
+CANCELLED_MESSAGE = {
+    "batch_cancelled": "The batch was cancelled before this request ran.",
+    "batch_expired": "This request could not be executed before the completion window expired.",
+}
+
+_COLUMNS = (Job.id, Job.custom_id, Job.status, Job.result, Job.error)
+
+
+def output_line(
+    job_id: str, custom_id: str | None, status: str, result: Any, error: Any
+) -> dict[str, Any]:
+    line: dict[str, Any] = {"id": f"batch_req_{job_id}", "custom_id": custom_id}
+    if status == JobStatus.SUCCEEDED:
+        line["response"] = {"status_code": 200, "request_id": job_id, "body": result}
+        line["error"] = None
+        return line
+    err = dict(error or {})
+    if status == JobStatus.CANCELLED:
+        code = err.get("code")
+        code = code if code in CANCELLED_MESSAGE else "batch_cancelled"
+        line["response"] = None
+        line["error"] = {"code": code, "message": CANCELLED_MESSAGE[code]}
+        return line
+    status_code = int(err.pop("status_code", 500) or 500)
+    err.setdefault("type", "invalid_request_error" if status_code < 500 else "server_error")
+    line["response"] = {"status_code": status_code, "request_id": job_id, "body": {"error": err}}
+    line["error"] = None
+    return line
+
+
+def encode(row: Row[Any] | Sequence[Any]) -> bytes:
+    job_id, custom_id, status, result, error = tuple(row)
+    line = output_line(job_id, custom_id, status, result, error)
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def statuses_for(kind: str) -> tuple[str, ...]:
+    return OUTPUT_STATUSES if kind == "output" else ERROR_STATUSES
+
+
+def render(batch_id: str, kind: str) -> Iterator[bytes]:
+    """The output ("output") or error ("error") file of a batch, in chunks of lines. Each
+    chunk is read in its own short transaction (keyset on job id), so a long download holds
+    no transaction open."""
+    statuses = statuses_for(kind)
+    after = ""
+    while True:
+        with session_scope() as session:
+            rows = session.execute(
+                select(*_COLUMNS)
+                .where(Job.batch_id == batch_id, Job.id > after, Job.status.in_(statuses))
+                .order_by(Job.id)
+                .limit(RENDER_CHUNK)
+            ).all()
+        if not rows:
+            return
+        yield b"".join(encode(r) for r in rows)
+        after = rows[-1][0]
+
+
+@dataclass
+class ResultsPage:
+    lines: list[bytes]
+    cursor: str  # pass as `after` for the next page
+    complete: bool  # every line of the batch is at or before `cursor`
+
+
+def results_page(
+    session: Session, batch_id: str, after: str, limit: int, ingested: bool
+) -> ResultsPage:
+    """Finished lines after the cursor, in job id order, stopping at the first unfinished one:
+    a job that finishes late can never be skipped by a cursor that already passed it, so every
+    custom_id comes exactly once across pages. `ingested` is False while the batch is still
+    validating (its jobs may not exist yet)."""
+    rows = session.execute(
+        select(*_COLUMNS)
+        .where(Job.batch_id == batch_id, Job.id > after)
+        .order_by(Job.id)
+        .limit(limit + 1)
+    ).all()
+    lines: list[bytes] = []
+    cursor = after
+    for row in rows[:limit]:
+        if row[2] not in JobStatus.TERMINAL:
+            break
+        lines.append(encode(row))
+        cursor = row[0]
+    complete = ingested and len(lines) == len(rows)
+    return ResultsPage(lines, cursor, complete)
