@@ -30,7 +30,7 @@ def body_limit(path: str) -> tuple[int, str]:
     if path.startswith("/v1/files"):
         # The multipart envelope (boundaries, part headers) rides on top of the file itself;
         # the upload reader enforces the file's own limit exactly.
-        return s.batch_max_file_bytes + 64 * 1024, "the upload"
+        return s.batch_max_file_bytes + 1024 * 1024, "the upload"
     return s.max_request_bytes, "the request body"
 
 
