@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import get_owner, get_session
 from api.errors import APIError
+from api.openapi import errors
 from lmqueue import batches as b
 from lmqueue import files as fs
 from lmqueue.batch_ingest import ingest_batch, retry_lines
@@ -24,7 +25,7 @@ from lmqueue.batch_output import results_page
 from lmqueue.models import Batch
 from lmqueue.settings import get_settings
 
-router = APIRouter(tags=["batches"])
+router = APIRouter(tags=["batches"], responses=errors(400, 401, 404, 409, 413))
 
 RETRYABLE = (b.COMPLETED, b.EXPIRED, b.CANCELLED)
 

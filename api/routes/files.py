@@ -12,13 +12,14 @@ from sqlalchemy.orm import Session
 
 from api.deps import get_owner, get_session
 from api.errors import APIError
+from api.openapi import errors
 from api.upload import MultipartReceiver, UploadError
 from lmqueue import files as fs
 from lmqueue.db import session_scope
 from lmqueue.models import FileObject
 from lmqueue.settings import get_settings
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], responses=errors(400, 401, 404, 413))
 
 MULTIPART_SLACK = 64 * 1024  # form fields and part headers around the file itself
 
