@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 import lmqueue
 from api.errors import error_body, install_error_handlers
 from api.routes import health, jobs, models
+from api.routes import scheduler as scheduler_routes
 from lmqueue.settings import get_settings
 
 
@@ -35,6 +36,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(scheduler_routes.router)
     return app
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from lmqueue.settings import get_settings
+from scheduler.main import add_scheduler_commands
 
 log = logging.getLogger("lmqueue")
 
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("out", type=Path)
     b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
     b.set_defaults(fn=cmd_build_demo_model)
+
+    add_scheduler_commands(sub)
     return p
 
 
