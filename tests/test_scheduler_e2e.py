@@ -24,7 +24,10 @@ from sqlalchemy.orm import Session
 
 from lmqueue.contract import redis_queue_keys
 from lmqueue.models import Job, JobStatus, ScalingEvent, WorkerRecord
-from tests.sched_support import all_done, status_counts, submit_many
+from lmqueue.settings import Settings
+from scheduler.backends.local import LocalBackend
+from scheduler.recovery import Reaper
+from tests.sched_support import all_done, settings_for, status_counts, submit_many
 from tests.services import free_port, wait_until
 from tests.stack import Stack
 
@@ -33,6 +36,9 @@ FAST = {
     "LMQUEUE_SCHEDULER_UPSCALE_DELAY_S": "1",
     "LMQUEUE_RECOVERY_GRACE_S": "2",
     "LMQUEUE_RECOVERY_SCAN_INTERVAL_S": "0.5",
+    # Workers the scheduler sees die are marked lost at once; heartbeat silence is only the
+    # fallback, kept well above a beat delayed by this busy 2-core machine.
+    "LMQUEUE_WORKER_DEAD_AFTER_S": "10",
 }
 
 
@@ -235,9 +241,6 @@ def test_deleted_queue_keys_are_recovered_from_the_store(two_workers: Stack) -> 
 def test_scale_down_drains_a_busy_worker_before_it_exits(
     redis_url: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from scheduler.backends.local import LocalBackend
-    from tests.sched_support import settings_for
-
     st = _stack(tmp_path, redis_url, tiny_model_dir)
     log = (tmp_path / "workers.log").open("ab")
 
@@ -267,6 +270,7 @@ def test_scale_down_drains_a_busy_worker_before_it_exits(
             jobs = {j.id: j for j in _jobs(st, ids)}
             with Session(st.engine) as s:
                 record = s.get(WorkerRecord, victim.record_hostname)
+            silent_back_s = _heartbeat_path_recovery(st, settings)
         finally:
             backend.close()
             log.close()
@@ -280,6 +284,25 @@ def test_scale_down_drains_a_busy_worker_before_it_exits(
     _assert_each_job_once(list(jobs.values()), len(ids))
     assert all(j.attempts == 1 for j in jobs.values())
     print(f"\nretired a worker holding {len(held)} running jobs; all stored by it before exit")
+    print(f"a worker nobody saw die: its jobs back in the queue {silent_back_s:.2f}s after kill")
+    assert silent_back_s < 10
+
+
+def _heartbeat_path_recovery(st: Stack, settings: Settings) -> float:
+    """The fallback for workers no backend watches (compose, kubernetes, none): kill the
+    survivor while it holds jobs, nobody polls the backend, and an in-process reaper finds its
+    jobs by its heartbeat silence (3 x LMQUEUE_HEARTBEAT_S=1 here). Returns kill -> re-sent."""
+    ids = submit_many(st, "tiny", 32, max_tokens=24)
+    killed_at, held, _host = _kill_busy_worker(st)
+    client = redis.Redis.from_url(st.redis_url)
+    reaper = Reaper(settings, client, {"tiny": st.queue("tiny")})
+    wait_until(
+        lambda: reaper.run_once(time.time())["worker_lost"] > 0, 30, "the reaper", every_s=0.2
+    )
+    client.close()
+    jobs = {j.id: j for j in _jobs(st, ids)}
+    assert all(jobs[i].status == JobStatus.QUEUED for i in held)
+    return max(jobs[i].enqueued_at or 0 for i in held) - killed_at
 
 
 def _busy(st: Stack) -> dict[str, set[str]]:

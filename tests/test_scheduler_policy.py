@@ -197,3 +197,17 @@ def test_advisory_backend_is_never_asked_to_scale() -> None:
     scaler = ModelScaler("m", "q.m", backend, Limits(0, 3, 10, 0, 0))
     d = scaler.step(Backlog(30, 0, 0), 0.0)
     assert d.desired == 3 and backend.calls == []
+
+
+def test_keda_example_watches_every_priority_list_of_the_queue() -> None:
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    from lmqueue.contract import redis_queue_keys
+
+    doc = yaml.safe_load(
+        (Path(__file__).parent.parent / "deploy/keda-scaledobject.yaml").read_text()
+    )
+    assert doc["kind"] == "ScaledObject" and doc["spec"]["minReplicaCount"] == 0
+    lists = [t["metadata"]["listName"] for t in doc["spec"]["triggers"] if t["type"] == "redis"]
+    assert lists == redis_queue_keys("lmqueue.tiny")
