@@ -175,10 +175,10 @@ def _kill_busy_worker(st: Stack) -> tuple[float, set[str], str]:
         return time.time(), jobs, host
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)  # ~55 s on an idle 2-core box; 130-155 s when it is shared
 def test_kill_9_workers_holding_batches_loses_and_duplicates_nothing(two_workers: Stack) -> None:
     st = two_workers
-    n = 1000
+    n = 2000
     ids = submit_many(st, "tiny", n)
     kills: list[tuple[float, set[str], str]] = []
     for k in range(3):
@@ -191,7 +191,7 @@ def test_kill_9_workers_holding_batches_loses_and_duplicates_nothing(two_workers
             every_s=0.2,
         )
         kills.append(_kill_busy_worker(st))
-    wait_until(lambda: all_done(st, ids), 150, f"{n} jobs to finish", every_s=0.5)
+    wait_until(lambda: all_done(st, ids), 240, f"{n} jobs to finish", every_s=0.5)
     jobs = {j.id: j for j in _jobs(st, ids)}
     _assert_each_job_once(list(jobs.values()), n)
 
