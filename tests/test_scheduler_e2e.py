@@ -208,6 +208,9 @@ def test_kill_9_workers_holding_batches_loses_and_duplicates_nothing(two_workers
     sizes = [len(held) for _t, held, _h in kills]
     print(f"\nkills took batches of {sizes} jobs; back in the queue after {back} s")
     assert all(0 < b < 10 for b in back), back
+    replaced = [e.reason for e in _events(st) if e.reason.startswith("replaced dead worker")]
+    assert sorted(replaced) == sorted(f"replaced dead worker {h}" for _t, _held, h in kills)
+    wait_until(lambda: len(_live_workers(st)) == 2, 120, "two workers again", every_s=0.5)
 
 
 @pytest.mark.timeout(150)

@@ -106,11 +106,14 @@ class LocalBackend(Backend):
                     self._advance_drain(child)
                 continue
             self.children.remove(child)
+            if child.retiring and code == 0:
+                log.info("worker %s retired", child.nodename)
+                continue
+            lost.append(child.record_hostname)  # its jobs are recovered at once
             if child.retiring:
-                log.info("worker %s retired (exit %s)", child.nodename, code)
+                log.warning("worker %s died while retiring (exit %s)", child.nodename, code)
                 continue
             log.warning("worker %s died (exit %s); replacing it", child.nodename, code)
-            lost.append(child.record_hostname)
             self._note_crash(child)
             self._spawn()
         return lost
