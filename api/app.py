@@ -12,6 +12,7 @@ from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.openapi import install_openapi
 from api.routes import admin, batches, files, health, jobs, metrics, models
+from api.routes import scheduler as scheduler_routes
 from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.settings import get_settings
 
@@ -37,6 +38,7 @@ def create_app() -> FastAPI:
     app.include_router(admin.router)
     app.include_router(files.router)  # bulk batches
     app.include_router(batches.router)  # bulk batches
+    app.include_router(scheduler_routes.router)
     return app
 
 

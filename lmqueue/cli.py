@@ -16,6 +16,7 @@ import httpx
 from lmqueue.cli_batch import add_batch_commands
 from lmqueue.keys_cli import add_keys_commands
 from lmqueue.settings import get_settings
+from scheduler.main import add_scheduler_commands
 
 log = logging.getLogger("lmqueue")
 
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_commands(sub)
     add_batch_commands(sub)  # lmqueue batch run|status|cancel|retry|results
+    add_scheduler_commands(sub)
     return p
 
 

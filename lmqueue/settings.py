@@ -101,6 +101,31 @@ class Settings(BaseSettings):
     # A batch still `validating` after this long lost its API process: recover or fail it.
     batch_stale_validation_s: float = Field(default=600.0, gt=0)
 
+    # --- scheduler ---------------------------------------------------------------------------
+    # Global autoscaling settings, the same for every model (per-model overrides can come later).
+    scheduler_backend: Literal["local", "compose", "kubernetes", "none"] = Field(
+        default="local", description="how workers are scaled: local | compose | kubernetes | none"
+    )
+    scheduler_interval_s: float = Field(default=1.0, gt=0)
+    scheduler_min_workers: int = Field(default=0, ge=0)
+    scheduler_max_workers: int = Field(default=2, ge=0)
+    scheduler_target_per_worker: int = Field(
+        default=0, ge=0, description="backlog one worker should carry; 0 = worker concurrency"
+    )
+    scheduler_upscale_delay_s: float = Field(default=3.0, ge=0)
+    scheduler_downscale_delay_s: float = Field(default=300.0, ge=0)
+    scheduler_metrics_port: int = Field(default=9108, ge=0, description="Prometheus; 0 = off")
+    scheduler_compose_file: str = ""  # docker compose -f FILE ("" = compose's own lookup)
+    scheduler_compose_service: str = "worker"  # "{model}" is replaced by the model name
+    scheduler_k8s_namespace: str = "default"
+    scheduler_k8s_deployment: str = "lmqueue-worker-{model}"
+    # Recovery: a queued job whose message is nowhere in Redis for this long is re-sent.
+    recovery_grace_s: float = Field(default=30.0, gt=0)
+    recovery_scan_interval_s: float = Field(default=10.0, gt=0)
+    worker_dead_after_s: float = Field(
+        default=0.0, ge=0, description="heartbeat silence that means dead; 0 = 3 x heartbeat_s"
+    )
+
     @field_validator("models_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:

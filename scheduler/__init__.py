@@ -1,3 +1,4 @@
-"""The scheduler process: autoscaling reconcile loop, backends, and recovery of lost work.
+"""The scheduler process: queue-depth autoscaling of workers, and recovery of lost jobs.
 
-Imports neither torch nor FastAPI."""
+Imports neither torch nor FastAPI; it talks to Redis, the result store and worker backends.
+"""

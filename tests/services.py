@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,11 @@ class Proc:
                 self.popen.kill()
                 self.popen.wait()
         self._log.close()
+
+    def kill_group(self) -> None:
+        """SIGKILL what is left of this child's process group (its session: it started one)."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
 
     def kill(self) -> None:
         self.popen.kill()

@@ -33,6 +33,7 @@ class Stack:
     queue_prefix: str = field(default_factory=lambda: f"lmqtest{os.getpid()}x{os.urandom(3).hex()}")
     api: Proc | None = None
     workers: list[Proc] = field(default_factory=list)
+    schedulers: list[Proc] = field(default_factory=list)
     base_url: str = ""
     _engine: Engine | None = None
 
@@ -120,12 +121,34 @@ class Stack:
             wait_until(lambda: self._worker_ready(proc), 120, f"worker for {model} to be ready")
         return proc
 
+    def start_scheduler(self, env: dict[str, str] | None = None) -> Proc:
+        """The scheduler process (`lmqueue scheduler`); its workers log into its own log."""
+        proc = Proc(
+            "scheduler",
+            python_argv("-m", "lmqueue.cli", "scheduler"),
+            {**self.env, "LMQUEUE_SCHEDULER_METRICS_PORT": "0", **(env or {})},
+            self.log_dir,
+        )
+        self.schedulers.append(proc)
+
+        def started() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"scheduler exited:\n{proc.tail()}")
+            return "scheduler started" in proc.log_path.read_text(errors="replace")
+
+        wait_until(started, 60, "the scheduler to start")
+        return proc
+
     def _worker_ready(self, proc: Proc) -> bool:
         if not proc.alive():
             raise RuntimeError(f"worker exited:\n{proc.tail()}")
         return "ready." in proc.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        for sched in self.schedulers:
+            sched.stop(timeout_s=60)  # it stops its own workers (warm shutdown) first
+            sched.kill_group()  # anything of its process group still around
+        self.schedulers.clear()
         for w in self.workers:
             w.stop()
         self.workers.clear()

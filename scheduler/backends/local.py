@@ -1,0 +1,220 @@
+"""Worker subprocesses on this machine.
+
+Scale up spawns `celery worker` children for the model's queue. Scale down DRAINS a worker:
+it is told to stop consuming (Celery remote control `cancel_consumer`), keeps running until it
+holds no task and no running job, and only then gets SIGTERM (Celery's warm shutdown) on its
+main pid. A busy worker is never killed to scale down. A child that dies on its own is noticed
+on the next poll, reported (so its jobs are recovered at once) and replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+
+from lmqueue.db import session_scope
+from lmqueue.models import Job, JobStatus, WorkerRecord
+from lmqueue.scheduling import live_workers
+from lmqueue.settings import Settings
+from scheduler.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    nodename: str  # the Celery node name (--hostname), target of remote control
+    proc: subprocess.Popen[bytes]
+    started_at: float
+    draining_since: float | None = None  # cancel_consumer asked
+    consumer_cancelled: bool = False  # ... and the worker confirmed
+    terminated_at: float | None = None  # SIGTERM sent
+
+    @property
+    def record_hostname(self) -> str:
+        """The hostname the worker writes in the `workers` table and in jobs.worker."""
+        return f"{self.nodename}/{self.proc.pid}"
+
+    @property
+    def retiring(self) -> bool:
+        return self.draining_since is not None
+
+
+Spawner = Callable[[list[str], dict[str, str]], "subprocess.Popen[bytes]"]
+
+
+def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # Same process group as the scheduler: a supervisor stopping our group stops them too.
+    return subprocess.Popen(argv, env=env)
+
+
+class LocalBackend(Backend):
+    def __init__(
+        self,
+        model: str,
+        settings: Settings,
+        queue: str,
+        control: Any = None,
+        spawn: Spawner = _popen,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.settings, self.queue = settings, queue
+        self._control = control
+        self._spawn_proc = spawn
+        self._env = env
+        self.children: list[Child] = []
+        self._backoff_s = 0.0  # grows while children die young (a model that cannot load)
+        self._no_spawn_until = 0.0
+
+    # --- the interface ----------------------------------------------------------------------
+
+    def current(self) -> int:
+        return len(self._serving()) + self.floor()
+
+    def floor(self) -> int:
+        """Live workers of this model that we did not start (e.g. `lmqueue up`'s own)."""
+        mine = {c.record_hostname for c in self.children}
+        with session_scope() as session:
+            hosts = live_workers(session, self.settings, self.model)
+        return sum(1 for h in hosts if h not in mine)
+
+    def scale_to(self, n: int) -> None:
+        serving = self._serving()
+        want = max(0, n - self.floor())
+        for _ in range(want - len(serving)):
+            self._spawn()
+        for child in self._retire_order(serving)[: max(0, len(serving) - want)]:
+            self._start_drain(child)
+
+    def poll(self) -> list[str]:
+        lost: list[str] = []
+        for child in list(self.children):
+            code = child.proc.poll()
+            if code is None:
+                if child.retiring:
+                    self._advance_drain(child)
+                continue
+            self.children.remove(child)
+            if child.retiring and code == 0:
+                log.info("worker %s retired", child.nodename)
+                continue
+            lost.append(child.record_hostname)  # its jobs are recovered at once
+            if child.retiring:
+                log.warning("worker %s died while retiring (exit %s)", child.nodename, code)
+                continue
+            log.warning("worker %s died (exit %s); replacing it", child.nodename, code)
+            self._note_crash(child)
+            self._spawn()
+        return lost
+
+    def _note_crash(self, child: Child) -> None:
+        """A child that died before it ever came up (no worker record: say, a model that cannot
+        load) backs off replacement, 2 s doubling to 60 s, instead of a tight restart loop."""
+        with session_scope() as session:
+            came_up = session.get(WorkerRecord, child.record_hostname) is not None
+        self._backoff_s = 0.0 if came_up else min(60.0, max(2.0, 2 * self._backoff_s))
+        self._no_spawn_until = time.time() + self._backoff_s
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Warm shutdown for every child: in-flight work finishes, unstarted messages go back."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s ignored SIGTERM; killing it", child.nodename)
+                child.proc.kill()
+                child.proc.wait()
+        self.children.clear()
+
+    # --- spawning ---------------------------------------------------------------------------
+
+    def _serving(self) -> list[Child]:
+        return [c for c in self.children if not c.retiring]
+
+    def _spawn(self) -> Child | None:
+        from lmqueue.cli import worker_argv
+
+        if time.time() < self._no_spawn_until:
+            return None  # backing off after crashes; scale_to tries again next tick
+
+        argv = worker_argv(self.model, self.settings.effective_concurrency(), queue=self.queue)
+        # worker_argv names every worker of this scheduler alike; remote control needs one name.
+        safe = self.model.replace("/", "_")
+        nodename = f"{safe}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        argv[argv.index("--hostname") + 1] = nodename
+        env = {**(self._env or os.environ), "LMQUEUE_WORKER_MODEL": self.model}
+        child = Child(nodename, self._spawn_proc(argv, env), time.time())
+        self.children.append(child)
+        log.info("started worker %s (pid %d) for %s", nodename, child.proc.pid, self.queue)
+        return child
+
+    # --- retiring ---------------------------------------------------------------------------
+
+    def _running_jobs(self) -> dict[str, int]:
+        with session_scope() as session:
+            rows = session.execute(
+                select(Job.worker, func.count())
+                .where(Job.status == JobStatus.RUNNING, Job.model == self.model)
+                .group_by(Job.worker)
+            ).all()
+        return {str(w): int(n) for w, n in rows}
+
+    def _retire_order(self, serving: list[Child]) -> list[Child]:
+        """Least busy first; among equals the youngest (it may still be loading its model)."""
+        running = self._running_jobs()
+        return sorted(serving, key=lambda c: (running.get(c.record_hostname, 0), -c.started_at))
+
+    @property
+    def control(self) -> Any:
+        if self._control is None:
+            from lmqueue.broker import producer_app
+
+            self._control = producer_app().control
+        return self._control
+
+    def _start_drain(self, child: Child) -> None:
+        child.draining_since = time.time()
+        log.info("draining worker %s", child.nodename)
+        self._advance_drain(child)
+
+    def _advance_drain(self, child: Child) -> None:
+        """One step of the drain, never blocking the loop for more than a short reply wait."""
+        if child.terminated_at is not None:
+            return  # warm shutdown in progress: wait for the exit (poll reaps it)
+        if not child.consumer_cancelled:
+            # No reply while the worker is still loading its model: ask again next tick.
+            replies = self.control.cancel_consumer(
+                self.queue, destination=[child.nodename], reply=True, timeout=1.0
+            )
+            child.consumer_cancelled = bool(replies)
+            if not child.consumer_cancelled:
+                return
+        if self._holds_work(child):
+            return
+        log.info("worker %s is idle; warm shutdown", child.nodename)
+        child.proc.send_signal(signal.SIGTERM)  # the main pid only
+        child.terminated_at = time.time()
+
+    def _holds_work(self, child: Child) -> bool:
+        """Does the worker still run a task, or hold a running job in the store?"""
+        replies = self.control.inspect(destination=[child.nodename], timeout=1.0).active()
+        if not replies or child.nodename not in replies:
+            return True  # no answer: assume busy, ask again next tick
+        if replies[child.nodename]:
+            return True
+        return self._running_jobs().get(child.record_hostname, 0) > 0

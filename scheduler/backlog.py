@@ -1,0 +1,50 @@
+"""How much work each model has: waiting messages, reserved messages, running jobs.
+
+The backlog counts work in progress once: a worker that holds a message has claimed its jobs
+within milliseconds, so `reserved` (Redis) and `running` (store) describe the same work from two
+sides. We take the larger of the two rather than their sum, which would make one busy worker
+with an empty queue ask for a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from lmqueue.models import Job, JobStatus
+from scheduler.kombu_redis import reserved_counts, waiting_messages
+
+
+@dataclass(frozen=True)
+class Backlog:
+    waiting: int  # messages in the queue's Redis lists
+    reserved: int  # messages taken by workers, not acked yet (kombu's `unacked`)
+    running: int  # jobs running in the store
+
+    @property
+    def total(self) -> int:
+        return self.waiting + max(self.reserved, self.running)
+
+    def describe(self) -> str:
+        return f"waiting {self.waiting}, reserved {self.reserved}, running {self.running}"
+
+
+def running_jobs_by_model(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.model, func.count()).where(Job.status == JobStatus.RUNNING).group_by(Job.model)
+    ).all()
+    return {str(m): int(n) for m, n in rows}
+
+
+def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) -> dict[str, Backlog]:
+    """Backlog per model; `queues` maps model -> queue name."""
+    reserved = reserved_counts(client, queues.values())
+    running = running_jobs_by_model(session)
+    return {
+        model: Backlog(waiting_messages(client, q), reserved.get(q, 0), running.get(model, 0))
+        for model, q in queues.items()
+    }

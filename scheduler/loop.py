@@ -1,0 +1,161 @@
+"""The reconcile loop: every tick, notice dead workers, run the reaper, measure each model's
+backlog, decide its worker count, apply it through the backend and record the decision."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis
+
+from lmqueue.db import session_scope
+from lmqueue.scheduling import WORKER_LOST, mark_workers, record_scaling_event
+from lmqueue.settings import Settings
+from scheduler import metrics
+from scheduler.backends.base import Backend
+from scheduler.backlog import Backlog, measure
+from scheduler.policy import Hysteresis, Limits, desired_workers
+from scheduler.recovery import Reaper
+
+log = logging.getLogger(__name__)
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        min_workers=settings.scheduler_min_workers,
+        max_workers=max(settings.scheduler_min_workers, settings.scheduler_max_workers),
+        target_per_worker=settings.scheduler_target_per_worker or settings.effective_concurrency(),
+        upscale_delay_s=settings.scheduler_upscale_delay_s,
+        downscale_delay_s=settings.scheduler_downscale_delay_s,
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    queue: str
+    backlog: Backlog
+    current: int
+    desired: int
+    target: int
+    why: str
+
+    @property
+    def reason(self) -> str:
+        return f"{self.why}; target {self.target} [{self.backlog.describe()}]"
+
+    def key(self) -> tuple[int, int, int, str]:
+        """What the decision is, without the backlog figures that change every tick."""
+        return (self.current, self.desired, self.target, self.why)
+
+
+class ModelScaler:
+    def __init__(self, model: str, queue: str, backend: Backend, limits: Limits) -> None:
+        self.model, self.queue, self.backend, self.limits = model, queue, backend, limits
+        self.hysteresis = Hysteresis(limits.upscale_delay_s, limits.downscale_delay_s)
+        self._last: tuple[int, int, int, str] | None = None
+
+    def step(self, backlog: Backlog, t: float) -> Decision:
+        current = self.backend.current()
+        desired = desired_workers(backlog.total, self.limits)
+        target, why = self.hysteresis.decide(t, current, desired)
+        floor = self.backend.floor()
+        if target < floor:  # workers someone else started: not ours to retire
+            target = floor
+            why = f"{why}; floor: {floor} worker(s) not started by the scheduler"
+        if target != current and self.backend.acts:
+            self.backend.scale_to(target)
+            direction = "up" if target > current else "down"
+            metrics.SCALE_ACTIONS.labels(self.model, direction).inc()
+            log.info(
+                "%s: %d -> %d workers (%s; %s)",
+                self.model,
+                current,
+                target,
+                why,
+                backlog.describe(),
+            )
+        return Decision(self.model, self.queue, backlog, current, desired, target, why)
+
+    def worth_recording(self, d: Decision) -> bool:
+        """Only a decision that differs from the previous one (no row per tick)."""
+        changed = d.key() != self._last
+        self._last = d.key()
+        return changed
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        backends: Mapping[str, Backend],
+        queues: Mapping[str, str],
+        reaper: Reaper,
+    ) -> None:
+        self.settings, self.client, self.reaper = settings, client, reaper
+        self.backends, self.queues = dict(backends), dict(queues)
+        limits = limits_from(settings)
+        self.scalers = {m: ModelScaler(m, queues[m], b, limits) for m, b in self.backends.items()}
+
+    def tick(self, t: float | None = None) -> list[Decision]:
+        t = time.time() if t is None else t
+        lost = self._notice_dead_workers()
+        for reason, n in self.reaper.run_once(t).items():
+            if n:
+                metrics.RECOVERED.labels(reason).inc(n)
+        with session_scope() as session:
+            backlogs = measure(self.client, session, self.queues)
+        decisions = [self.scalers[m].step(backlogs[m], t) for m in self.scalers]
+        self._record(decisions, lost)
+        return decisions
+
+    def _notice_dead_workers(self) -> dict[str, list[str]]:
+        """Mark workers a backend saw die as lost, so the reaper recovers their jobs now."""
+        lost = {m: b.poll() for m, b in self.backends.items()}
+        hosts = [h for hs in lost.values() for h in hs]
+        if hosts:
+            with session_scope() as session:
+                mark_workers(session, hosts, WORKER_LOST)
+        return {m: hs for m, hs in lost.items() if hs}
+
+    def _record(self, decisions: list[Decision], lost: Mapping[str, list[str]]) -> None:
+        for d in decisions:
+            metrics.BACKLOG.labels(d.model).set(d.backlog.total)
+            metrics.WORKERS.labels(d.model, "current").set(d.current)
+            metrics.WORKERS.labels(d.model, "desired").set(d.desired)
+        rows = [(d, f"replaced dead worker {h}") for d in decisions for h in lost.get(d.model, [])]
+        rows += [(d, d.reason) for d in decisions if self.scalers[d.model].worth_recording(d)]
+        if not rows:
+            return
+        with session_scope() as session:
+            for d, reason in rows:
+                record_scaling_event(
+                    session,
+                    queue=d.queue,
+                    backlog=d.backlog.total,
+                    current=d.current,
+                    desired=d.desired,
+                    reason=reason,
+                )
+
+    def run(self, stop: threading.Event) -> None:
+        interval = self.settings.scheduler_interval_s
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.tick()
+            except Exception:  # Redis or the store hiccuped: log, keep looping
+                metrics.TICK_ERRORS.inc()
+                log.exception("scheduler tick failed")
+            stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            try:
+                backend.close()
+            except Exception:
+                log.exception("closing the %s backend failed", backend.model)
