@@ -1,7 +1,7 @@
 """API keys and tenant isolation, against a real API with auth on (keys made by the real CLI).
 
-Isolation is table-driven (OWNED): each kind of owned object says how to create one and which
-requests must not reach another key's. Files and batches join the table once their routes land.
+Isolation is table-driven (OWNED): each kind of owned object (job, file, batch) says how to
+create one and which requests must not reach another key's.
 """
 
 from __future__ import annotations
@@ -66,6 +66,36 @@ def _create_job(client: httpx.Client) -> str:
     return str(resp.json()["id"])
 
 
+BATCH_LINE = {
+    "custom_id": "only",
+    "method": "POST",
+    "url": "/v1/completions",
+    "body": {"model": "idle", "prompt": "mine", "max_tokens": 1},
+}
+
+
+def _upload(client: httpx.Client) -> str:
+    content = (json.dumps(BATCH_LINE) + "\n").encode()
+    resp = client.post(
+        "/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}
+    )
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["id"])
+
+
+def _create_batch(client: httpx.Client) -> str:
+    resp = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": _upload(client),
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["id"])
+
+
 OWNED = [
     Owned(
         "job",
@@ -77,10 +107,27 @@ OWNED = [
         ],
         "/v1/jobs",
     ),
-    # After merge: Owned("file", upload, [("GET", "/v1/files/{id}"),
-    #   ("GET", "/v1/files/{id}/content"), ("DELETE", "/v1/files/{id}")], "/v1/files"), and
-    # Owned("batch", create_batch, [("GET", "/v1/batches/{id}"),
-    #   ("POST", "/v1/batches/{id}/cancel")], "/v1/batches").
+    Owned(
+        "file",
+        _upload,
+        [
+            ("GET", "/v1/files/{id}"),
+            ("GET", "/v1/files/{id}/content"),
+            ("DELETE", "/v1/files/{id}"),
+        ],
+        "/v1/files",
+    ),
+    Owned(
+        "batch",
+        _create_batch,
+        [
+            ("GET", "/v1/batches/{id}"),
+            ("GET", "/v1/batches/{id}/results"),
+            ("POST", "/v1/batches/{id}/cancel"),
+            ("POST", "/v1/batches/{id}/retry_failed"),
+        ],
+        "/v1/batches",
+    ),
 ]
 
 
@@ -162,7 +209,9 @@ def test_admin_endpoints_need_the_admin_scope(stack: Stack, keys: dict[str, str]
         assert resp.status_code == 403
         assert resp.json()["error"]["type"] == "permission_error"
         assert user.post("/v1/admin/keys", json={"name": "x"}).status_code == 403
+        assert user.get("/v1/scheduler").status_code == 403
     with as_key(stack, keys["admin"]) as admin:
+        assert admin.get("/v1/scheduler").status_code == 200
         made = admin.post("/v1/admin/keys", json={"name": "via-api"})
         assert made.status_code == 201, made.text
         new_key, new_id = made.json()["key"], made.json()["id"]
