@@ -55,20 +55,27 @@ def run_local_stack(port: int | None, flower: bool, workers: int) -> int:
 def _supervise(
     env: dict[str, str], port: int, flower: bool, workers: int, embedded: EmbeddedRedis | None
 ) -> int:
-    from lmqueue.cli import flower_argv, worker_argv
+    from lmqueue.cli import flower_argv
 
     settings = get_settings()
     sup = Supervisor(env)
     try:
         sup.spawn("api", [sys.executable, "-m", "lmqueue.cli", "api", "--port", str(port)])
-        for name in sorted(get_registry()):
-            for _ in range(workers):
-                sup.env = {**env, "LMQUEUE_WORKER_MODEL": name}
-                sup.spawn(f"worker[{name}]", worker_argv(name, settings.effective_concurrency()))
-        sup.env = env
         if flower:
             sup.spawn("flower", flower_argv(settings.flower_port))
-        _maybe_spawn_scheduler(sup)
+        # The scheduler owns the workers: it starts `workers` per model at once and scales up
+        # with the backlog. A second, unmanaged worker here would be counted as capacity it
+        # cannot see while it loads, and the scheduler would start another on top of it.
+        sup.spawn(
+            "scheduler",
+            [sys.executable, "-m", "lmqueue.cli", "scheduler"],
+            env={
+                **env,
+                "LMQUEUE_SCHEDULER_BACKEND": "local",
+                "LMQUEUE_SCHEDULER_MIN_WORKERS": str(workers),
+                "LMQUEUE_SCHEDULER_MAX_WORKERS": str(max(workers, settings.scheduler_max_workers)),
+            },
+        )
         print(
             f"lmqueue is up: API http://127.0.0.1:{port}  "
             + (f"Flower http://127.0.0.1:{settings.flower_port}  " if flower else "")
@@ -83,11 +90,3 @@ def _supervise(
         sup.stop()
         if embedded is not None:
             embedded.stop()
-
-
-def _maybe_spawn_scheduler(sup: Supervisor) -> None:
-    try:
-        import scheduler.main  # noqa: F401  (present once the scheduler is built)
-    except ImportError:
-        return
-    sup.spawn("scheduler", [sys.executable, "-m", "lmqueue.cli", "scheduler"])

@@ -25,10 +25,10 @@ class Supervisor:
         self.env = env
         self.children: list[Child] = []
 
-    def spawn(self, name: str, argv: Sequence[str]) -> Child:
+    def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, argv)
         # A new session: Ctrl-C reaches only us, and we stop children in order.
-        child.proc = subprocess.Popen(list(argv), env=self.env, start_new_session=True)
+        child.proc = subprocess.Popen(list(argv), env=env or self.env, start_new_session=True)
         self.children.append(child)
         log.info("started %s (pid %d)", name, child.proc.pid)
         return child
@@ -44,7 +44,7 @@ class Supervisor:
         except KeyboardInterrupt:
             return None
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 45.0) -> None:
         for child in reversed(self.children):
             if child.proc is not None and child.proc.poll() is None:
                 os.killpg(child.proc.pid, signal.SIGTERM)
