@@ -135,9 +135,14 @@ def test_demo_model_concurrent_builds_and_stale_dir(tmp_path: Path, tiny_dir: Pa
     assert results == [out, out]
     assert json.loads((out / MARKER).read_text())["size"] == "tiny"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left behind
-    # Deterministic: the same bytes as the cached build.
-    for name in ("tokenizer.json", "model.safetensors", "config.json"):
+    # Deterministic: the same weights and tokenizer as the cached build, and the same config
+    # but for the transformers version that wrote it (a cache may predate an upgrade).
+    for name in ("tokenizer.json", "model.safetensors"):
         assert (out / name).read_bytes() == (tiny_dir / name).read_bytes()
+    configs = [json.loads((d / "config.json").read_text()) for d in (out, tiny_dir)]
+    for config in configs:
+        config.pop("transformers_version", None)
+    assert configs[0] == configs[1]
 
 
 # ---- loading --------------------------------------------------------------------------------
