@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from lmqueue.cli_batch import add_batch_commands
+from lmqueue.client import api_client, checked
 from lmqueue.keys_cli import add_keys_commands
 from lmqueue.settings import get_settings
 from scheduler.main import add_scheduler_commands
@@ -133,23 +132,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 # --- client commands --------------------------------------------------------------------------
 
 
-def _client() -> httpx.Client:
-    s = get_settings()
-    headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
-    return httpx.Client(base_url=s.api_url, headers=headers, timeout=120)
-
-
-def _check(resp: httpx.Response) -> dict[str, Any]:
-    if resp.status_code >= 400:
-        try:
-            msg = resp.json()["error"]["message"]
-        except Exception:
-            msg = resp.text
-        raise SystemExit(f"error {resp.status_code}: {msg}")
-    data: dict[str, Any] = resp.json()
-    return data
-
-
 def _output_text(job: dict[str, Any]) -> str:
     choice = (job.get("response") or {}).get("choices", [{}])[0]
     return str(choice.get("text") or (choice.get("message") or {}).get("content") or "")
@@ -164,8 +146,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     body.update(max_tokens=args.max_tokens, temperature=args.temperature)
     if args.seed is not None:
         body["seed"] = args.seed
-    with _client() as client:
-        job = _check(
+    with api_client() as client:
+        job = checked(
             client.post(
                 "/v1/jobs",
                 json={
@@ -180,7 +162,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(job["id"])
             return 0
         while job["status"] in ("queued", "running"):
-            job = _check(client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}))
+            job = checked(client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}))
     if job["status"] != "succeeded":
         print(
             f"{job['id']} {job['status']}: {(job.get('error') or {}).get('message')}",
@@ -192,8 +174,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    with _client() as client:
-        job = _check(client.get(f"/v1/jobs/{args.id}", params={"wait": args.wait}))
+    with api_client() as client:
+        job = checked(client.get(f"/v1/jobs/{args.id}", params={"wait": args.wait}))
     print(json.dumps(job, indent=2))
     return 0
 

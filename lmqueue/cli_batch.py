@@ -20,26 +20,13 @@ from typing import IO, Any
 
 import httpx
 
-from lmqueue.settings import get_settings
+from lmqueue.client import api_client, checked
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 
 def _client() -> httpx.Client:
-    s = get_settings()
-    headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
-    return httpx.Client(base_url=s.api_url, headers=headers, timeout=300)
-
-
-def _check(resp: httpx.Response) -> dict[str, Any]:
-    if resp.status_code >= 400:
-        try:
-            msg = resp.json()["error"]["message"]
-        except Exception:
-            msg = resp.text
-        raise SystemExit(f"error {resp.status_code}: {msg}")
-    data: dict[str, Any] = resp.json()
-    return data
+    return api_client(timeout_s=300)
 
 
 def _first_url(path: Path) -> str:
@@ -69,7 +56,7 @@ def _download(client: httpx.Client, file_id: str, dest: Path) -> int:
     with client.stream("GET", f"/v1/files/{file_id}/content") as resp, dest.open("wb") as out:
         if resp.status_code >= 400:
             resp.read()
-            _check(resp)
+            checked(resp)
         for chunk in resp.iter_bytes():
             out.write(chunk)
             lines += chunk.count(b"\n")
@@ -93,13 +80,13 @@ def _follow(client: httpx.Client, batch: dict[str, Any], poll_s: float) -> dict[
             if batch["status"] in TERMINAL:
                 return batch
             time.sleep(poll_s)
-            batch = _check(client.get(f"/v1/batches/{batch['id']}"))
+            batch = checked(client.get(f"/v1/batches/{batch['id']}"))
 
 
 def _upload(client: httpx.Client, path: Path) -> dict[str, Any]:
     with path.open("rb") as fh:
         files = {"file": (path.name, fh, "application/jsonl")}
-        return _check(client.post("/v1/files", data={"purpose": "batch"}, files=files))
+        return checked(client.post("/v1/files", data={"purpose": "batch"}, files=files))
 
 
 def _report_failed(batch: dict[str, Any]) -> int:
@@ -115,7 +102,7 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
     errors_path = args.errors or args.output.with_name(args.output.stem + ".errors.jsonl")
     with _client() as client:
         f = _upload(client, args.input)
-        batch = _check(
+        batch = checked(
             client.post(
                 "/v1/batches",
                 json={
@@ -161,20 +148,20 @@ def _save(client: httpx.Client, file_id: str | None, dest: Path) -> int:
 
 def cmd_batch_status(args: argparse.Namespace) -> int:
     with _client() as client:
-        print(json.dumps(_check(client.get(f"/v1/batches/{args.id}")), indent=2))
+        print(json.dumps(checked(client.get(f"/v1/batches/{args.id}")), indent=2))
     return 0
 
 
 def cmd_batch_cancel(args: argparse.Namespace) -> int:
     with _client() as client:
-        batch = _check(client.post(f"/v1/batches/{args.id}/cancel"))
+        batch = checked(client.post(f"/v1/batches/{args.id}/cancel"))
     print(f"batch {batch['id']} {batch['status']}")
     return 0
 
 
 def cmd_batch_retry(args: argparse.Namespace) -> int:
     with _client() as client:
-        batch = _check(client.post(f"/v1/batches/{args.id}/retry_failed"))
+        batch = checked(client.post(f"/v1/batches/{args.id}/retry_failed"))
     print(batch["id"])
     return 0
 
@@ -197,7 +184,7 @@ def cmd_batch_results(args: argparse.Namespace) -> int:
                 f"/v1/batches/{args.id}/results", params={"after": after, "limit": 1000}
             )
             if resp.status_code >= 400:
-                _check(resp)
+                checked(resp)
             out.write(resp.content)
             out.flush()
             total += int(resp.headers.get("X-Result-Lines", "0"))

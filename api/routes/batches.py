@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
+from api.pagination import list_page
 from lmqueue import batches as b
 from lmqueue import files as fs
 from lmqueue.batch_ingest import ingest_batch, retry_lines
@@ -111,13 +112,7 @@ def list_batches(
     rows, has_more = b.list_batches(session, owner, after=after, limit=limit)
     data = b.view_batches(session, rows)
     session.commit()
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return list_page(data, has_more)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")

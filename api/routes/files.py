@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
+from api.pagination import list_page
 from api.upload import MultipartReceiver, UploadError
 from lmqueue import files as fs
 from lmqueue.db import session_scope
@@ -119,13 +120,7 @@ def list_files(
         fs.ensure_measured(session, f)
     session.commit()
     data = [fs.file_to_dict(f) for f in rows]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return list_page(data, has_more)
 
 
 @router.delete("/v1/files/{file_id}")

@@ -16,6 +16,7 @@ from api.admission import admit, admitted
 from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
+from api.pagination import list_page
 from lmqueue import jobs as q
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
@@ -119,13 +120,7 @@ def list_jobs(
 ) -> dict[str, Any]:
     rows, has_more = q.list_jobs(session, owner, status=status, after=after, limit=limit)
     data = [q.job_to_dict(j) for j in rows]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return list_page(data, has_more)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", responses=errors(409))
