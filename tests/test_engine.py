@@ -164,12 +164,17 @@ def test_load_engine_errors(tiny_dir: Path, tmp_path: Path) -> None:
     from lmqueue.registry import ModelSpec
     from worker.loading import ModelLoadError, load_engine
 
-    with pytest.raises(ModelLoadError, match="not implemented") as info:
-        load_engine(ModelSpec(name="q", path=str(tiny_dir), quantization="bnb-int8"))
+    # A GPTQ model must be a GPTQ checkpoint: never guessed, never silently served unquantized.
+    with pytest.raises(ModelLoadError, match="GPTQ-quantized checkpoint|gptqmodel") as info:
+        load_engine(ModelSpec(name="q", path=str(tiny_dir), quantization="gptq"))
     assert "'q'" in str(info.value) and str(tiny_dir) in str(info.value)
+    with pytest.raises(ModelLoadError, match="float32 weights"):
+        load_engine(
+            ModelSpec(name="q", path=str(tiny_dir), quantization="cpu-int8", dtype="float16")
+        )
 
     missing = tmp_path / "nothing-here"
-    with pytest.raises(ModelLoadError) as info:
+    with pytest.raises(ModelLoadError, match="no such file or directory") as info:
         load_engine(ModelSpec(name="gone", path=str(missing)))
     assert "'gone'" in str(info.value) and str(missing) in str(info.value)
 
