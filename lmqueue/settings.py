@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     # --- flower ------------------------------------------------------------------------------
     flower_port: int = 5555
 
+    # --- engine ------------------------------------------------------------------------------
+    # A generate() call is closed before its padded prefill positions would exceed this
+    # fraction (rows are sorted by prompt length first); 1.0 turns length bucketing off.
+    bucket_max_waste: float = Field(default=0.3, ge=0.0, le=1.0)
+    # Shared-prefix KV reuse: a batch whose prompts share at least this many leading tokens,
+    # with at least prefix_min_rows rows, computes the prefix once. 0 turns it off.
+    prefix_min_tokens: int = Field(default=32, ge=0)
+    prefix_min_rows: int = Field(default=2, ge=2)
+
     @field_validator("models_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:

@@ -89,9 +89,41 @@ class _Row:
     stop_at: int = -1  # index in `text` where a stop string starts
 
 
+@dataclass
+class EngineStats:
+    """Counters since the engine started (read by the metrics exporter; one writer thread)."""
+
+    batches: int = 0  # generate() calls that ran at least one row
+    rows: int = 0
+    prompt_tokens: int = 0  # real prompt tokens of those rows
+    prefill_tokens: int = 0  # token positions the prefill computed (real + padding)
+    prefix_hits: int = 0  # batches that reused a shared prefix's KV
+    prefix_rows: int = 0  # rows in those batches
+    prefix_tokens_saved: int = 0  # prefill positions not computed thanks to the reuse
+    oom_splits: int = 0  # batches split in half after running out of device memory (runner)
+
+
+@dataclass(frozen=True)
+class PrefixPolicy:
+    """When a batch computes its rows' common prompt prefix once (batch 1) and reuses it.
+
+    Measured on CPU (bench/engine.py): a clear win from a few rows and a few dozen tokens; a
+    loss for one row (the extra forward call buys nothing).
+    """
+
+    min_tokens: int = 32  # shared prefix length
+    min_rows: int = 2
+
+
 class Engine:
     def __init__(
-        self, model: Any, tokenizer: Any, device: torch.device, max_context: int, name: str = ""
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        max_context: int,
+        name: str = "",
+        prefix_policy: PrefixPolicy | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -112,6 +144,8 @@ class Engine:
         self.n_embeddings: int = model.get_input_embeddings().weight.shape[0]
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        self.prefix_policy = prefix_policy or PrefixPolicy()
+        self.stats = EngineStats()
 
     # ---- prompts ------------------------------------------------------------------------
 
@@ -241,19 +275,11 @@ class Engine:
 
     def _decode(self, rows: list[_Row]) -> None:
         dev = self.device
-        B = len(rows)
-        T = max(len(r.req.prompt_ids) for r in rows)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # [B, T] left-padded
-        mask = torch.zeros((B, T), dtype=torch.long)  # [B, T] 1 = real token
-        for b, r in enumerate(rows):
-            n = len(r.req.prompt_ids)
-            ids[b, T - n :] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
-            mask[b, T - n :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] real tokens at 0..n-1
-        cache = DynamicCache(config=self.model.config)
-
-        logits = self._forward(ids, mask, pos, cache)  # [B, V]
+        shared = self._shared_prefix_len(rows)
+        if shared:
+            cache, logits, mask, pos = self._prefill_shared(rows, shared)
+        else:
+            cache, logits, mask, pos = self._prefill(rows)
         next_pos = pos[:, -1:] + 1  # [B, 1] position of the token chosen next
         active = rows
         while True:
@@ -278,6 +304,76 @@ class Engine:
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)  # [B, S + 1]
             logits = self._forward(tok[:, None], mask, next_pos, cache)  # [B, V]
             next_pos = next_pos + 1
+
+    def _prefill(
+        self, rows: list[_Row]
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One left-padded forward over all prompts -> (cache, logits [B, V], mask, pos)."""
+        B = len(rows)
+        T = max(len(r.req.prompt_ids) for r in rows)
+        ids, mask = self._left_pad([r.req.prompt_ids for r in rows], T)  # [B, T] each
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] real tokens at 0..n-1
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, pos, cache)  # [B, V]
+        self._count(rows, B * T)
+        return cache, logits, mask, pos
+
+    def _prefill_shared(
+        self, rows: list[_Row], P: int
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill the P-token prefix all rows share once (batch 1), copy its KV to every row,
+        then prefill the suffixes: columns are [prefix P | left padding | suffix], so every
+        row's last prompt token sits in the last column, as in `_prefill`."""
+        dev = self.device
+        B = len(rows)
+        prefix = torch.tensor([rows[0].req.prompt_ids[:P]], dtype=torch.long, device=dev)
+        cache = DynamicCache(config=self.model.config)
+        ones = torch.ones((1, P), dtype=torch.long, device=dev)  # [1, P]
+        self._forward(prefix, ones, torch.arange(P, device=dev)[None], cache)  # logits unused
+        cache.batch_repeat_interleave(B)  # [1, H, P, D] -> [B, H, P, D]
+        suffixes = [r.req.prompt_ids[P:] for r in rows]  # each >= 1 token
+        S = max(len(x) for x in suffixes)
+        ids, smask = self._left_pad(suffixes, S)  # [B, S] each
+        mask = torch.cat([ones.expand(B, P), smask], dim=1)  # [B, P + S]
+        pos = P + (smask.cumsum(-1) - 1).clamp(min=0)  # [B, S] continue after the prefix
+        logits = self._forward(ids, mask, pos, cache)  # [B, V]
+        self._count(rows, P + B * S)
+        self.stats.prefix_hits += 1
+        self.stats.prefix_rows += B
+        self.stats.prefix_tokens_saved += (B - 1) * P
+        return cache, logits, mask, pos
+
+    def _left_pad(self, seqs: list[list[int]], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T] 1 = real token
+        for b, seq in enumerate(seqs):
+            ids[b, T - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[b, T - len(seq) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _count(self, rows: list[_Row], computed: int) -> None:
+        self.stats.batches += 1
+        self.stats.rows += len(rows)
+        self.stats.prompt_tokens += sum(len(r.req.prompt_ids) for r in rows)
+        self.stats.prefill_tokens += computed
+
+    def _shared_prefix_len(self, rows: list[_Row]) -> int:
+        """Length of the prompt prefix common to all rows, if the policy says reusing it pays;
+        else 0. Every row keeps at least one suffix token (its logits start the decode)."""
+        policy = self.prefix_policy
+        if len(rows) < max(2, policy.min_rows):
+            return 0
+        first = rows[0].req.prompt_ids
+        n = min(len(r.req.prompt_ids) for r in rows) - 1
+        for r in rows[1:]:
+            other = r.req.prompt_ids
+            k = 0
+            while k < n and other[k] == first[k]:
+                k += 1
+            n = k
+            if n < policy.min_tokens:
+                return 0
+        return n if n >= policy.min_tokens else 0
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick one token per row -> (tokens [B], bad [B]); bad = NaN/+inf/no finite logit."""
