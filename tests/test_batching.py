@@ -80,6 +80,49 @@ def test_runner_plans_sorted_buckets(engine: Engine) -> None:
     assert all(padding_waste([c]) <= 0.3 for c in lengths)
 
 
+# ---- prefill in length groups, one decode batch ---------------------------------------------
+
+
+def test_split_prefill_is_exact_and_decodes_together(engine: Engine) -> None:
+    texts = ["x", "import os\n", "x = 1\n" * 12, "def f(a):\n    return a\n" * 5, "#" * 80]
+    budgets = (6, 2, 9, 4, 7)
+    reqs = [
+        GenRequest(ids(engine, t), m, temperature=0) for t, m in zip(texts, budgets, strict=True)
+    ]
+    reqs.append(GenRequest(ids(engine, texts[2]), 8, temperature=1.0, seed=4))
+    seen: list[tuple[list[list[int]], list[list[int]]]] = []
+
+    def spy(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        seen.append((kwargs["position_ids"].tolist(), kwargs["attention_mask"].tolist()))
+
+    engine.prefill_max_waste = 1.0
+    one = engine.generate(reqs)
+    engine.prefill_max_waste = 0.1
+    handle = engine.model.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        split = engine.generate(reqs)
+    finally:
+        handle.remove()
+    for a, b in zip(one, split, strict=True):
+        assert isinstance(a, GenResult) and isinstance(b, GenResult)
+        assert (a.token_ids, a.finish_reason, a.completion_tokens) == (
+            b.token_ids,
+            b.finish_reason,
+            b.completion_tokens,
+        )
+    lengths = sorted(len(r.prompt_ids) for r in reqs)
+    T = lengths[-1]
+    prefills = [s for s in seen if len(s[0][0]) > 1]
+    assert len(prefills) >= 3  # short, middle and long prompts apart
+    for pos, mask in prefills:  # each group: left-padded only to its own longest prompt
+        width = len(pos[0])
+        real = [sum(m) for m in mask]
+        assert max(real) == width and 1 - sum(real) / (len(real) * width) <= 0.1
+    first_decode = seen[len(prefills)]
+    assert len(first_decode[0]) == len(reqs)  # all rows in one decode batch
+    assert all(len(m) == T + 1 for m in first_decode[1])  # merged cache: longest prompt + 1
+
+
 # ---- shared-prefix KV reuse -----------------------------------------------------------------
 
 

@@ -270,12 +270,14 @@ def test_positions_and_shrinking_batch(engine: Engine) -> None:
     prompts = [ids_of(engine, p) for p in ("x", "import os\n", PROMPTS[2])]
     lengths = [len(p) for p in prompts]
     handle = engine.model.model.register_forward_pre_hook(spy, with_kwargs=True)
+    engine.prefill_max_waste = 1.0  # one padded prefill (tests/test_batching.py: split ones)
     try:
         engine.generate(
             [GenRequest(p, m, temperature=0) for p, m in zip(prompts, (3, 1, 5), strict=True)]
         )
     finally:
         handle.remove()
+        engine.prefill_max_waste = 0.1
     pos0, mask0 = seen[0]  # prefill: left padding, real tokens at positions 0..n-1
     T = max(lengths)
     for row, n in enumerate(lengths):
@@ -411,10 +413,12 @@ def test_nan_logits_fail_one_row(engine: Engine) -> None:
         return output
 
     handle = engine.model.lm_head.register_forward_hook(poison_row_1_at_prefill)
+    engine.prefill_max_waste = 1.0  # one prefill call holds all three rows
     try:
         results = engine.generate(requests)
     finally:
         handle.remove()
+        engine.prefill_max_waste = 0.1
     assert isinstance(results[1], RequestError) and results[1].code == "numerical_error"
     assert ok(results[0]).token_ids == solo[0].token_ids
     assert ok(results[2]).token_ids == solo[2].token_ids

@@ -25,6 +25,8 @@ import torch
 from transformers import DynamicCache
 
 from lmqueue.schemas import CHAT, COMPLETIONS
+from worker.buckets import plan_buckets
+from worker.kv_cache import new_cache, supports_buffered
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,7 @@ class Engine:
         max_context: int,
         name: str = "",
         prefix_policy: PrefixPolicy | None = None,
+        prefill_max_waste: float = 0.1,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -145,6 +148,12 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self.prefix_policy = prefix_policy or PrefixPolicy()
+        # Prefill in length groups whose padding stays under this fraction (1.0 = one group).
+        self.prefill_max_waste = prefill_max_waste
+        # Plain full-attention cache layers: decoded with preallocated KV buffers, and prefill
+        # groups can be merged. Other layer kinds (sliding window, ...) keep transformers'
+        # own cache and one padded prefill per call.
+        self.kv_buffers = supports_buffered(model.config)
         self.stats = EngineStats()
 
     # ---- prompts ------------------------------------------------------------------------
@@ -250,8 +259,11 @@ class Engine:
             limit = min(req.max_tokens, self.max_context - len(req.prompt_ids))
             rows.append(_Row(index=i, req=req, limit=limit, generator=generator))
         if rows:
+            self.stats.batches += 1
+            self.stats.rows += len(rows)
+            self.stats.prompt_tokens += sum(len(r.req.prompt_ids) for r in rows)
             with torch.inference_mode():
-                self._decode(rows)
+                self._decode(list(rows))
         results: list[GenResult | RequestError] = []
         by_index = {r.index: r for r in rows}
         for i in range(len(requests)):
@@ -308,14 +320,60 @@ class Engine:
     def _prefill(
         self, rows: list[_Row]
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One left-padded forward over all prompts -> (cache, logits [B, V], mask, pos)."""
-        B = len(rows)
+        """Prefill every prompt -> (cache, logits [B, V], mask [B, T], pos [B, T]), left-padded
+        to the longest prompt T. Prompts of very different lengths are prefilled in length
+        groups (less padding computed) whose caches are then merged into one decode batch; this
+        reorders `rows` in place to the merged order."""
         T = max(len(r.req.prompt_ids) for r in rows)
-        ids, mask = self._left_pad([r.req.prompt_ids for r in rows], T)  # [B, T] each
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] real tokens at 0..n-1
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, pos, cache)  # [B, V]
-        self._count(rows, B * T)
+        capacity = T + max(r.limit for r in rows)  # KV positions this batch can reach
+        groups = self._prefill_groups(rows)
+        if len(groups) == 1:
+            return self._prefill_group(rows, self._cache(capacity))
+        rows[:] = [rows[i] for g in groups for i in g]
+        parts = []
+        start = 0
+        for g in groups:
+            group_cache = new_cache(self.model.config, buffered=False)  # merged below
+            parts.append(self._prefill_group(rows[start : start + len(g)], group_cache))
+            start += len(g)
+
+        def left(x: torch.Tensor) -> torch.Tensor:  # [b, t] -> [b, T], zeros on the left
+            return torch.nn.functional.pad(x, (T - x.shape[1], 0))
+
+        cache = self._cache(capacity)
+        for i in range(len(parts[0][0].layers)):
+            # [b, H, t, D] per group -> [B, H, T, D]; the zero columns are masked out.
+            keys = [_pad_seq(c.layers[i].keys, T) for c, *_ in parts]
+            values = [_pad_seq(c.layers[i].values, T) for c, *_ in parts]
+            cache.update(torch.cat(keys), torch.cat(values), i)
+        logits = torch.cat([p[1] for p in parts])  # [B, V]
+        mask = torch.cat([left(p[2]) for p in parts])  # [B, T]
+        pos = torch.cat([left(p[3]) for p in parts])  # [B, T]; only the last column is used
+        return cache, logits, mask, pos
+
+    def _prefill_groups(self, rows: list[_Row]) -> list[list[int]]:
+        """Row indices grouped for the prefill (ascending length, padding waste bounded), or a
+        single group when splitting does not pay or the cache layers cannot be merged."""
+        waste = self.prefill_max_waste
+        if waste >= 1 or len(rows) < 2 or not self.kv_buffers:
+            return [list(range(len(rows)))]
+        order = sorted(range(len(rows)), key=lambda b: len(rows[b].req.prompt_ids))
+        lengths = [len(rows[b].req.prompt_ids) for b in order]
+        plan = plan_buckets(lengths, len(rows), 1 << 62, waste)
+        return [[order[k] for k in bucket] for bucket in plan]
+
+    def _cache(self, capacity: int) -> DynamicCache:
+        return new_cache(self.model.config, capacity, buffered=self.kv_buffers)
+
+    def _prefill_group(
+        self, rows: list[_Row], cache: DynamicCache
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One left-padded forward over these prompts -> (cache, logits [b, V], mask, pos)."""
+        T = max(len(r.req.prompt_ids) for r in rows)
+        ids, mask = self._left_pad([r.req.prompt_ids for r in rows], T)  # [b, T] each
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T] real tokens at 0..n-1
+        logits = self._forward(ids, mask, pos, cache)  # [b, V]
+        self.stats.prefill_tokens += len(rows) * T
         return cache, logits, mask, pos
 
     def _prefill_shared(
@@ -327,7 +385,8 @@ class Engine:
         dev = self.device
         B = len(rows)
         prefix = torch.tensor([rows[0].req.prompt_ids[:P]], dtype=torch.long, device=dev)
-        cache = DynamicCache(config=self.model.config)
+        T = max(len(r.req.prompt_ids) for r in rows)  # = P + the longest suffix
+        cache = self._cache(T + max(r.limit for r in rows))
         ones = torch.ones((1, P), dtype=torch.long, device=dev)  # [1, P]
         self._forward(prefix, ones, torch.arange(P, device=dev)[None], cache)  # logits unused
         cache.batch_repeat_interleave(B)  # [1, H, P, D] -> [B, H, P, D]
@@ -337,7 +396,7 @@ class Engine:
         mask = torch.cat([ones.expand(B, P), smask], dim=1)  # [B, P + S]
         pos = P + (smask.cumsum(-1) - 1).clamp(min=0)  # [B, S] continue after the prefix
         logits = self._forward(ids, mask, pos, cache)  # [B, V]
-        self._count(rows, P + B * S)
+        self.stats.prefill_tokens += P + B * S
         self.stats.prefix_hits += 1
         self.stats.prefix_rows += B
         self.stats.prefix_tokens_saved += (B - 1) * P
@@ -350,12 +409,6 @@ class Engine:
             ids[b, T - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[b, T - len(seq) :] = 1
         return ids.to(self.device), mask.to(self.device)
-
-    def _count(self, rows: list[_Row], computed: int) -> None:
-        self.stats.batches += 1
-        self.stats.rows += len(rows)
-        self.stats.prompt_tokens += sum(len(r.req.prompt_ids) for r in rows)
-        self.stats.prefill_tokens += computed
 
     def _shared_prefix_len(self, rows: list[_Row]) -> int:
         """Length of the prompt prefix common to all rows, if the policy says reusing it pays;
@@ -461,6 +514,11 @@ class Engine:
             prompt_tokens=len(row.req.prompt_ids),
             completion_tokens=row.completion_tokens,
         )
+
+
+def _pad_seq(kv: torch.Tensor, T: int) -> torch.Tensor:
+    """[b, H, t, D] -> [b, H, T, D], zeros on the left of the sequence axis."""
+    return torch.nn.functional.pad(kv, (0, 0, T - kv.shape[2], 0))
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int:

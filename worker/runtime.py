@@ -107,6 +107,7 @@ def start_runtime(celery_hostname: str) -> WorkerRuntime:
         engine.prefix_policy = PrefixPolicy(
             min_tokens=settings.prefix_min_tokens or 10**9, min_rows=settings.prefix_min_rows
         )
+        engine.prefill_max_waste = settings.prefill_max_waste
     hostname = f"{celery_hostname}/{os.getpid()}"
     runner = BatchRunner(
         engine,
