@@ -264,3 +264,31 @@ def test_other_errors_still_split_but_keep_their_code(engine: Engine) -> None:
     err = outcomes["job2"].error
     assert err is not None and err["code"] == "engine_error"
     assert outcomes["job0"].error is None and outcomes["job1"].error is None
+
+
+# ---- preallocated KV buffers ----------------------------------------------------------------
+
+
+def test_buffered_kv_layer_matches_concatenation() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    from worker.kv_cache import BufferedLayer
+
+    g = torch.Generator().manual_seed(0)
+    ours, ref = BufferedLayer(capacity=3), DynamicLayer()
+    for n in (2, 1, 4, 1, 1):  # grows past its capacity twice
+        k, v = torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 4, generator=g)
+        got, want = ours.update(k, v), ref.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert ours.get_seq_length() == ref.get_seq_length() == 9
+    idx = torch.tensor([2, 0])
+    ours.batch_select_indices(idx)
+    ref.batch_select_indices(idx)
+    ours.batch_repeat_interleave(2)
+    ref.batch_repeat_interleave(2)
+    k = torch.randn(4, 2, 1, 4, generator=g)
+    got, want = ours.update(k, k), ref.update(k, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ours.crop(-3)
+    ref.crop(-3)
+    assert torch.equal(ours.keys, ref.keys) and ours.get_seq_length() == 7

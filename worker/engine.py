@@ -1,8 +1,16 @@
-"""The batched generation engine: one left-padded prefill, then a flat decode loop.
+"""The batched generation engine: a left-padded prefill, then a flat decode loop.
 
 gpt-fast style: small and explicit, with tensor shapes in comments. It does not use
 `model.generate`, so each row keeps its own sampling parameters (temperature, top-p, seed),
 stop strings and token budget, and finished rows leave the running batch at once.
+
+Three things make it cheaper than one padded `generate` call, without changing any output:
+- prompts of very different lengths are prefilled in length groups (little padding computed)
+  whose KV caches are merged into one decode batch;
+- a prompt prefix shared by every row (a system prompt, a few-shot header) is prefilled once and
+  its KV copied to every row (`PrefixPolicy`);
+- the KV cache is written into preallocated buffers, not concatenated every step
+  (`worker.kv_cache`).
 
 Shapes: B = rows still running, T = padded prompt length, S = cached length (T + steps so
 far), V = vocabulary size.
@@ -26,7 +34,7 @@ from transformers import DynamicCache
 
 from lmqueue.schemas import CHAT, COMPLETIONS
 from worker.buckets import plan_buckets
-from worker.kv_cache import new_cache, supports_buffered
+from worker.kv_cache import layer_kv, new_cache, supports_buffered
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +351,10 @@ class Engine:
         cache = self._cache(capacity)
         for i in range(len(parts[0][0].layers)):
             # [b, H, t, D] per group -> [B, H, T, D]; the zero columns are masked out.
-            keys = [_pad_seq(c.layers[i].keys, T) for c, *_ in parts]
-            values = [_pad_seq(c.layers[i].values, T) for c, *_ in parts]
-            cache.update(torch.cat(keys), torch.cat(values), i)
+            kvs = [layer_kv(c, i) for c, *_ in parts]
+            keys = torch.cat([_pad_seq(k, T) for k, _ in kvs])
+            values = torch.cat([_pad_seq(v, T) for _, v in kvs])
+            cache.update(keys, values, i)
         logits = torch.cat([p[1] for p in parts])  # [B, V]
         mask = torch.cat([left(p[2]) for p in parts])  # [B, T]
         pos = torch.cat([left(p[3]) for p in parts])  # [B, T]; only the last column is used
@@ -414,7 +423,7 @@ class Engine:
         """Length of the prompt prefix common to all rows, if the policy says reusing it pays;
         else 0. Every row keeps at least one suffix token (its logits start the decode)."""
         policy = self.prefix_policy
-        if len(rows) < max(2, policy.min_rows):
+        if len(rows) < max(1, policy.min_rows):
             return 0
         first = rows[0].req.prompt_ids
         n = min(len(r.req.prompt_ids) for r in rows) - 1

@@ -40,8 +40,7 @@ class BufferedLayer(DynamicLayer):
         self._kbuf[:, :, self.length : self.length + n] = key_states
         self._vbuf[:, :, self.length : self.length + n] = value_states
         self.length += n
-        self._views()
-        return self.keys, self.values
+        return self._views()
 
     def _grow(self, capacity: int) -> None:
         for name in ("_kbuf", "_vbuf"):
@@ -50,9 +49,10 @@ class BufferedLayer(DynamicLayer):
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
-    def _views(self) -> None:
-        self.keys = self._kbuf[:, :, : self.length]
-        self.values = self._vbuf[:, :, : self.length]
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._kbuf[:, :, : self.length], self._vbuf[:, :, : self.length]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -87,6 +87,13 @@ class BufferedLayer(DynamicLayer):
 def _alloc(like: torch.Tensor, length: int) -> torch.Tensor:
     b, h, _, d = like.shape
     return like.new_empty((b, h, length, d))
+
+
+def layer_kv(cache: DynamicCache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's (keys, values), [B, H, S, D], of a cache made of plain or buffered layers."""
+    layer = cache.layers[i]
+    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
 
 
 def supports_buffered(config: Any) -> bool:
