@@ -8,13 +8,13 @@ Two hooks, both called by `worker.loading`:
 
 | method   | how                                       | where it runs                           |
 |----------|-------------------------------------------|-----------------------------------------|
-| bnb-int8 | `BitsAndBytesConfig(load_in_8bit=True)`   | CUDA; CPU works (bitsandbytes >= 0.45)  |
-|          |                                           | but is slower than float32              |
-| bnb-nf4  | `BitsAndBytesConfig(load_in_4bit, nf4)`   | CUDA; CPU works, slower than float32    |
+| bnb-int8 | `BitsAndBytesConfig(load_in_8bit=True)`   | CUDA; CPU works with bitsandbytes       |
+|          |                                           | 0.50 (0.75x float32 on the bench model) |
+| bnb-nf4  | `BitsAndBytesConfig(load_in_4bit, nf4)`   | CUDA; CPU works (1.3x float32 there)    |
 | gptq     | the checkpoint's own `quantization_config`| CUDA (fast kernels) and CPU (torch      |
 |          | (transformers + optimum + gptqmodel)      | kernels); needs `pip install .[gptq]`   |
 | cpu-int8 | `torch.ao.quantization.quantize_dynamic`  | CPU only: int8 weights, int8 dynamic    |
-|          | on every `nn.Linear`                      | activations (fbgemm/onednn kernels)     |
+|          | on every `nn.Linear`                      | activations (2.5x float32 there)        |
 
 float16 / bfloat16 are dtypes (`ModelSpec.dtype`), not quantization methods.
 """
