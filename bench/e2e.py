@@ -27,14 +27,15 @@ from tests.stack import Stack
 from worker.batcher import WorkItem
 from worker.engine import Engine, GenResult
 from worker.loading import load_engine
-from worker.runner import Prepared, chunk_by_tokens, to_gen_request
+from worker.runner import Prepared, plan_chunks, to_gen_request
 
 
 def engine_alone(
     engine: Engine, prompts: list[str], new_tokens: int, batch: int, budget: int
 ) -> int:
-    """Same policy as the worker: groups of `batch` in arrival order, each sorted by length and
-    split by the token budget. Returns completion tokens."""
+    """The worker's policy: groups of `batch` in arrival order, each cut into length buckets
+    by the token budget and the padding-waste bound. Returns completion tokens."""
+    settings = Settings()
     tokens = 0
     for start in range(0, len(prompts), batch):
         items = [
@@ -45,11 +46,8 @@ def engine_alone(
             )
             for i, p in enumerate(prompts[start : start + batch])
         ]
-        rows = sorted(
-            (Prepared(it, to_gen_request(engine, it)) for it in items),
-            key=lambda r: len(r.request.prompt_ids),
-        )
-        for chunk in chunk_by_tokens(rows, batch, budget):
+        rows = [Prepared(it, to_gen_request(engine, it)) for it in items]
+        for chunk in plan_chunks(rows, batch, budget, settings.bucket_max_waste):
             for res in engine.generate([r.request for r in chunk]):
                 assert isinstance(res, GenResult), res
                 tokens += res.completion_tokens

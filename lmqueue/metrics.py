@@ -246,3 +246,11 @@ def start_worker_metrics(host: str, port: int) -> None:
         register_once("gpu", gpu)
     start_http_server(port, addr=host)
     log.info("worker metrics on %s:%d/metrics%s", host, port, " (with GPU)" if gpu else "")
+
+
+def record_prefix_reuse(model: str, prompt_tokens: int, saved_tokens: int, rows: int) -> None:
+    """One engine call: prompt tokens it looked up, and those a shared prefix's KV served."""
+    PREFIX_CACHE_QUERIES.labels(model).inc(prompt_tokens)
+    if rows:
+        PREFIX_CACHE_HITS.labels(model).inc(saved_tokens)
+        PREFIX_REUSE_REQUESTS.labels(model).inc(rows)

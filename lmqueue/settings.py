@@ -126,6 +126,19 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="heartbeat silence that means dead; 0 = 3 x heartbeat_s"
     )
 
+    # --- engine ------------------------------------------------------------------------------
+    # Length buckets: a generate() call is closed before its padded prompt positions would
+    # exceed this fraction (rows sorted by length first); 1.0 turns bucketing off. Loose, because
+    # every call decodes separately and bigger decode batches are cheaper per token.
+    bucket_max_waste: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Within a call, the prefill runs in length groups padded at most this much, merged into one
+    # decode batch afterwards; 1.0 = one padded prefill per call.
+    prefill_max_waste: float = Field(default=0.1, ge=0.0, le=1.0)
+    # Shared-prefix KV reuse: a batch whose prompts share at least this many leading tokens,
+    # with at least prefix_min_rows rows, computes the prefix once. 0 turns it off.
+    prefix_min_tokens: int = Field(default=32, ge=0)
+    prefix_min_rows: int = Field(default=2, ge=2)
+
     @field_validator("models_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:

@@ -169,12 +169,17 @@ def test_load_engine_errors(tiny_dir: Path, tmp_path: Path) -> None:
     from lmqueue.registry import ModelSpec
     from worker.loading import ModelLoadError, load_engine
 
-    with pytest.raises(ModelLoadError, match="not implemented") as info:
-        load_engine(ModelSpec(name="q", path=str(tiny_dir), quantization="bnb-int8"))
+    # A GPTQ model must be a GPTQ checkpoint: never guessed, never silently served unquantized.
+    with pytest.raises(ModelLoadError, match="GPTQ-quantized checkpoint|gptqmodel") as info:
+        load_engine(ModelSpec(name="q", path=str(tiny_dir), quantization="gptq"))
     assert "'q'" in str(info.value) and str(tiny_dir) in str(info.value)
+    with pytest.raises(ModelLoadError, match="float32 weights"):
+        load_engine(
+            ModelSpec(name="q", path=str(tiny_dir), quantization="cpu-int8", dtype="float16")
+        )
 
     missing = tmp_path / "nothing-here"
-    with pytest.raises(ModelLoadError) as info:
+    with pytest.raises(ModelLoadError, match="no such file or directory") as info:
         load_engine(ModelSpec(name="gone", path=str(missing)))
     assert "'gone'" in str(info.value) and str(missing) in str(info.value)
 
@@ -270,12 +275,14 @@ def test_positions_and_shrinking_batch(engine: Engine) -> None:
     prompts = [ids_of(engine, p) for p in ("x", "import os\n", PROMPTS[2])]
     lengths = [len(p) for p in prompts]
     handle = engine.model.model.register_forward_pre_hook(spy, with_kwargs=True)
+    engine.prefill_max_waste = 1.0  # one padded prefill (tests/test_batching.py: split ones)
     try:
         engine.generate(
             [GenRequest(p, m, temperature=0) for p, m in zip(prompts, (3, 1, 5), strict=True)]
         )
     finally:
         handle.remove()
+        engine.prefill_max_waste = 0.1
     pos0, mask0 = seen[0]  # prefill: left padding, real tokens at positions 0..n-1
     T = max(lengths)
     for row, n in enumerate(lengths):
@@ -411,10 +418,12 @@ def test_nan_logits_fail_one_row(engine: Engine) -> None:
         return output
 
     handle = engine.model.lm_head.register_forward_hook(poison_row_1_at_prefill)
+    engine.prefill_max_waste = 1.0  # one prefill call holds all three rows
     try:
         results = engine.generate(requests)
     finally:
         handle.remove()
+        engine.prefill_max_waste = 0.1
     assert isinstance(results[1], RequestError) and results[1].code == "numerical_error"
     assert ok(results[0]).token_ids == solo[0].token_ids
     assert ok(results[2]).token_ids == solo[2].token_ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery import Celery
@@ -22,7 +23,15 @@ app.conf.imports = ("worker.tasks",)
 def _load_model(sender: Any = None, **_: Any) -> None:
     from worker.runtime import start_runtime
 
-    start_runtime(getattr(sender, "hostname", None) or "worker")
+    try:
+        start_runtime(getattr(sender, "hostname", None) or "worker")
+    except Exception as exc:
+        # Celery logs and swallows exceptions from signal handlers, which would leave a worker
+        # that consumes jobs it cannot serve. A model that cannot load must stop the worker:
+        # say why on stderr and exit non-zero (SystemExit is not swallowed).
+        log.exception("worker start failed")
+        print(f"lmqueue worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from exc
 
 
 @worker_shutdown.connect

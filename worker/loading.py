@@ -1,4 +1,5 @@
-"""Load a registry `ModelSpec` into a ready `Engine`: tokenizer, model, device, dtype, context.
+"""Load a registry `ModelSpec` into a ready engine: tokenizer, model, device, dtype,
+quantization (`worker.quantization`), context length.
 
 A local directory and a hub id go through the same `from_pretrained(spec.path)` calls.
 """
@@ -7,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmqueue.registry import ModelSpec
+from worker import quantization
+from worker.embedding import EmbedEngine
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -56,25 +60,18 @@ def resolve_device(spec: ModelSpec) -> torch.device:
 
 
 def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """Explicit dtypes win; "auto" = float32 on CPU, bfloat16 on CUDA if supported else float16."""
+    """Explicit dtypes win; "auto" = float32 on CPU, bfloat16 on CUDA if supported else float16
+    (float16 for GPTQ checkpoints: their fast CUDA kernels are written for it)."""
     if spec.dtype != "auto":
-        return _DTYPES[spec.dtype]
+        dtype = _DTYPES[spec.dtype]
+        if device.type == "cpu" and dtype == torch.float16:
+            log.warning("model %s: float16 on CPU runs without fast kernels (slow)", spec.name)
+        return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if spec.quantization == "gptq" or not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
     return torch.float32
-
-
-def _quantization_kwargs(spec: ModelSpec, device: torch.device) -> dict[str, Any]:
-    """Extra `from_pretrained` kwargs for `spec.quantization` (e.g. a `quantization_config`).
-
-    The single place where quantization plugs in. Methods applied after loading (cpu-int8
-    dynamic quantization) would return nothing here and get a post-load hook next to it.
-    """
-    if spec.quantization == "none":
-        return {}
-    raise ModelLoadError(
-        spec, f"quantization {spec.quantization!r} is not implemented yet; use quantization='none'"
-    )
 
 
 def _max_context(spec: ModelSpec, config: Any, tokenizer: Any) -> int:
@@ -98,49 +95,64 @@ def _max_context(spec: ModelSpec, config: Any, tokenizer: Any) -> int:
     )
 
 
-def load_engine(spec: ModelSpec) -> Engine:
-    """Load `spec` (tokenizer + causal LM) into an `Engine`; raises `ModelLoadError`."""
+def load_engine(spec: ModelSpec) -> Engine | EmbedEngine:
+    """Load `spec` into an engine: an `Engine` (causal LM) for task "generate", an
+    `EmbedEngine` (encoder, mean pooling) for task "embed". Raises `ModelLoadError`."""
     if spec.path.startswith("echo:"):  # test-only null model (benchmarks of the queue path)
         from worker.echo import EchoEngine
 
         return EchoEngine(spec.name)
-    if spec.task != "generate":
-        raise ModelLoadError(spec, f"task {spec.task!r} is not served by the generation engine")
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
-    kwargs.update(_quantization_kwargs(spec, device))
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device}  # load weights straight onto the GPU
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            spec.path, trust_remote_code=spec.trust_remote_code
-        )
-        model: Any = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
-    except Exception as exc:  # OSError (missing files/repo), ValueError (unknown arch), ...
-        raise ModelLoadError(spec, f"{type(exc).__name__}: {exc}") from exc
-    if "device_map" not in kwargs:
-        model = model.to(device)
-    model.eval()
-
+    tokenizer, model = _load_weights(spec, device, dtype)
+    max_context = _max_context(spec, model.config, tokenizer)
+    log.info(
+        "loaded model %s (%s) from %s on %s (%s, quantization %s: %s; max_context %d) in %.2fs",
+        spec.name,
+        spec.task,
+        spec.path,
+        device,
+        str(dtype).removeprefix("torch."),
+        spec.quantization,
+        quantization.describe(model),
+        max_context,
+        time.perf_counter() - started,
+    )
+    if spec.task == "embed":
+        return EmbedEngine(model, tokenizer, device, max_context, name=spec.name)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(spec, "the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    max_context = _max_context(spec, model.config, tokenizer)
-
-    log.info(
-        "loaded model %s from %s on %s (%s, max_context %d) in %.2fs",
-        spec.name,
-        spec.path,
-        device,
-        str(dtype).removeprefix("torch."),
-        max_context,
-        time.perf_counter() - started,
-    )
     return Engine(model, tokenizer, device, max_context, name=spec.name)
+
+
+def _load_weights(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(tokenizer, model in eval mode on `device`), quantized as `spec.quantization` says."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if spec.path.startswith(("/", "./", "../", "~")) and not Path(spec.path).expanduser().exists():
+        raise ModelLoadError(spec, "no such file or directory")  # not a hub id: say so plainly
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    try:
+        quantization.check_device(spec.quantization, device, dtype)
+        kwargs.update(quantization.load_kwargs(spec.quantization, spec.path, device, dtype))
+    except (quantization.QuantizationError, OSError, ValueError) as exc:
+        raise ModelLoadError(spec, str(exc)) from exc
+    # Quantized weights cannot be moved with .to() after loading: place them while loading.
+    if device.type == "cuda" or spec.quantization != "none":
+        kwargs["device_map"] = {"": device}
+    auto = AutoModel if spec.task == "embed" else AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.path, trust_remote_code=spec.trust_remote_code
+        )
+        model: Any = auto.from_pretrained(spec.path, **kwargs)
+        if "device_map" not in kwargs:
+            model = model.to(device)
+        model = quantization.after_load(spec.quantization, model)
+    except Exception as exc:  # OSError (missing files/repo), ValueError (unknown arch), ...
+        raise ModelLoadError(spec, f"{type(exc).__name__}: {exc}") from exc
+    return tokenizer, model.eval()

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from lmqueue.schemas import CHAT
+from worker.embedding import EmbedResult
 from worker.engine import GenResult, RequestError
 
 
@@ -49,6 +50,19 @@ def completion_body(job_id: str, endpoint: str, model: str, result: GenResult) -
             }
         ],
         "usage": usage(result),
+    }
+
+
+def embedding_body(model: str, result: EmbedResult) -> dict[str, Any]:
+    """The OpenAI /v1/embeddings response: one unit vector per input, in input order."""
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": vector}
+            for i, vector in enumerate(result.embeddings)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
 
 

@@ -1,8 +1,9 @@
 """Turns a micro-batch of work items into engine calls and stored outcomes.
 
-Rows are prepared one by one (a bad request fails alone), sorted by prompt length to cut
-padding, split so no generate() call exceeds the prefill-token budget, and every chunk's
-outcomes are written to the store in one transaction.
+Rows are prepared one by one (a bad request fails alone), sorted by prompt length and cut into
+length buckets (`worker.buckets`: rows, prefill-token budget, bounded padding waste), and every
+chunk's outcomes are written to the store in one transaction. Embedding jobs go to the
+`EmbedEngine`, which batches their inputs itself.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 
 from lmqueue.db import session_scope
 from lmqueue.jobs import Outcome, store_outcomes
-from lmqueue.metrics import record_microbatch, record_outcome
+from lmqueue.metrics import record_microbatch, record_outcome, record_prefix_reuse
 from lmqueue.models import new_id
 from lmqueue.schemas import ChatBody, CompletionBody, parse_body
 from worker.batcher import WorkItem
+from worker.buckets import plan_buckets
+from worker.embedding import EmbedEngine, EmbedRequest, EmbedResult
 from worker.engine import Engine, GenRequest, GenResult, RequestError
-from worker.responses import completion_body, request_error, server_error
+from worker.faults import free_cached_memory, is_out_of_memory
+from worker.responses import completion_body, embedding_body, request_error, server_error
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prepared:
     item: WorkItem
-    request: GenRequest
+    request: GenRequest | EmbedRequest
 
 
 def to_gen_request(engine: Engine, item: WorkItem) -> GenRequest:
@@ -44,34 +48,59 @@ def to_gen_request(engine: Engine, item: WorkItem) -> GenRequest:
     )
 
 
+def to_request(engine: Engine | EmbedEngine, item: WorkItem) -> GenRequest | EmbedRequest:
+    if isinstance(engine, EmbedEngine):
+        return engine.request(item.endpoint, item.body)
+    return to_gen_request(engine, item)
+
+
+def _prompt_len(row: Prepared) -> int:
+    assert isinstance(row.request, GenRequest)
+    return len(row.request.prompt_ids)
+
+
 def chunk_by_tokens(
-    rows: Sequence[Prepared], max_rows: int, max_tokens: int
+    rows: Sequence[Prepared], max_rows: int, max_tokens: int, max_waste: float = 1.0
 ) -> Iterator[list[Prepared]]:
-    """Split length-sorted rows so that rows x longest prompt stays within the token budget."""
-    chunk: list[Prepared] = []
-    for row in rows:
-        longest = max([len(row.request.prompt_ids), *(len(r.request.prompt_ids) for r in chunk)])
-        if chunk and (len(chunk) + 1 > max_rows or (len(chunk) + 1) * longest > max_tokens):
-            yield chunk
-            chunk = []
-        chunk.append(row)
-    if chunk:
-        yield chunk
+    """Cut length-sorted rows into buckets: rows, prefill-token budget, padding waste."""
+    for bucket in plan_buckets([_prompt_len(r) for r in rows], max_rows, max_tokens, max_waste):
+        yield [rows[i] for i in bucket]
+
+
+def plan_chunks(
+    rows: Sequence[Prepared], max_rows: int, max_tokens: int, max_waste: float
+) -> list[list[Prepared]]:
+    """Sort generation rows by prompt length and cut them into buckets (worker.buckets)."""
+    return list(chunk_by_tokens(sorted(rows, key=_prompt_len), max_rows, max_tokens, max_waste))
 
 
 class BatchRunner:
-    def __init__(self, engine: Engine, model: str, worker: str, max_rows: int, max_tokens: int):
+    def __init__(
+        self,
+        engine: Engine | EmbedEngine,
+        model: str,
+        worker: str,
+        max_rows: int,
+        max_tokens: int,
+        max_waste: float = 1.0,
+    ):
         self.engine, self.model, self.worker = engine, model, worker
-        self.max_rows, self.max_tokens = max_rows, max_tokens
+        self.max_rows, self.max_tokens, self.max_waste = max_rows, max_tokens, max_waste
 
     def __call__(self, items: list[WorkItem]) -> None:
         by_id = {item.job_id: item for item in items}
         rows, failed = self._prepare(items)
         if failed:
             self._store(failed, by_id)
-        rows.sort(key=lambda r: len(r.request.prompt_ids))
-        for chunk in chunk_by_tokens(rows, self.max_rows, self.max_tokens):
+        for chunk in self._chunks(rows):
             self._store(self._generate_split_on_error(chunk), by_id)
+
+    def _chunks(self, rows: list[Prepared]) -> Iterator[list[Prepared]]:
+        if isinstance(self.engine, EmbedEngine):  # it buckets the inputs of its jobs itself
+            for start in range(0, len(rows), self.max_rows):
+                yield rows[start : start + self.max_rows]
+            return
+        yield from plan_chunks(rows, self.max_rows, self.max_tokens, self.max_waste)
 
     def _prepare(self, items: list[WorkItem]) -> tuple[list[Prepared], list[Outcome]]:
         rows: list[Prepared] = []
@@ -93,7 +122,7 @@ class BatchRunner:
                 )
                 continue
             try:
-                rows.append(Prepared(item, to_gen_request(self.engine, item)))
+                rows.append(Prepared(item, to_request(self.engine, item)))
             except RequestError as exc:
                 failed.append(Outcome(item.job_id, error=request_error(exc)))
             except Exception as exc:  # never let one bad body fail its batch-mates
@@ -103,14 +132,21 @@ class BatchRunner:
 
     def _generate_split_on_error(self, chunk: list[Prepared]) -> list[Outcome]:
         """Run a chunk; if the call itself fails (out of memory, a kernel error), split it in
-        half and retry, down to one row, so only the row that really fails gets an error."""
+        half and retry, down to one row, so only the row that really fails gets an error.
+        Out of memory first frees the allocator's cached blocks, so the halves can use them."""
         try:
             return self._generate(chunk)
         except Exception as exc:
+            oom = is_out_of_memory(exc)
+            if oom:
+                free_cached_memory()
+                self.engine.stats.oom_splits += 1
             if len(chunk) == 1:
                 log.exception("generate failed for job %s", chunk[0].item.job_id)
-                return [Outcome(chunk[0].item.job_id, error=server_error("engine_error", str(exc)))]
-            log.warning("generate failed on %d rows (%s); splitting", len(chunk), exc)
+                code = "out_of_memory" if oom else "engine_error"
+                return [Outcome(chunk[0].item.job_id, error=server_error(code, str(exc)))]
+            what = "ran out of memory" if oom else "failed"
+            log.warning("generate %s on %d rows (%s); splitting", what, len(chunk), exc)
             mid = len(chunk) // 2
             return self._generate_split_on_error(chunk[:mid]) + self._generate_split_on_error(
                 chunk[mid:]
@@ -118,13 +154,23 @@ class BatchRunner:
 
     def _generate(self, chunk: list[Prepared]) -> list[Outcome]:
         microbatch_id = new_id("mb")
+        stats = getattr(self.engine, "stats", None)
+        saved0, rows0 = (stats.prefix_tokens_saved, stats.prefix_rows) if stats else (0, 0)
         t0 = time.perf_counter()
-        results = self.engine.generate([r.request for r in chunk])
+        results = self._run_engine([r.request for r in chunk])
         seconds = time.perf_counter() - t0
+        if stats is not None and isinstance(self.engine, Engine):
+            record_prefix_reuse(
+                self.model,
+                sum(_input_tokens(r.request) for r in chunk),
+                stats.prefix_tokens_saved - saved0,
+                stats.prefix_rows - rows0,
+            )
         log.info(
-            "generate: %d rows, longest prompt %d tokens, %.2f s",
+            "%s: %d rows, longest input %d tokens, %.2f s",
+            "embed" if isinstance(self.engine, EmbedEngine) else "generate",
             len(chunk),
-            max(len(r.request.prompt_ids) for r in chunk),
+            max(_input_tokens(r.request) for r in chunk),
             seconds,
         )
         outcomes = []
@@ -133,6 +179,9 @@ class BatchRunner:
             if isinstance(res, GenResult):
                 o.result = completion_body(row.item.job_id, row.item.endpoint, self.model, res)
                 o.prompt_tokens, o.completion_tokens = res.prompt_tokens, res.completion_tokens
+            elif isinstance(res, EmbedResult):
+                o.result = embedding_body(self.model, res)
+                o.prompt_tokens, o.completion_tokens = res.prompt_tokens, 0
             else:
                 o.error = request_error(res)
             outcomes.append(o)
@@ -145,6 +194,14 @@ class BatchRunner:
         )
         return outcomes
 
+    def _run_engine(
+        self, requests: list[GenRequest | EmbedRequest]
+    ) -> Sequence[GenResult | EmbedResult | RequestError]:
+        if isinstance(self.engine, EmbedEngine):
+            embeds = [r for r in requests if isinstance(r, EmbedRequest)]
+            return self.engine.embed(embeds, self.max_tokens)
+        return self.engine.generate([r for r in requests if isinstance(r, GenRequest)])
+
     def _store(self, outcomes: list[Outcome], items: dict[str, WorkItem]) -> None:
         with session_scope() as session:
             store_outcomes(session, outcomes, self.worker)
@@ -153,3 +210,10 @@ class BatchRunner:
             item = items.get(o.job_id)
             created, started = (item.created_at, item.started_at) if item else (None, None)
             record_outcome(self.model, o.status, created, started, finished)
+
+
+def _input_tokens(request: GenRequest | EmbedRequest) -> int:
+    """The longest token sequence a request feeds the model (for the per-call log line)."""
+    if isinstance(request, EmbedRequest):
+        return max((len(ids) for ids in request.inputs), default=0)
+    return len(request.prompt_ids)

@@ -21,6 +21,7 @@ from lmqueue.models import WorkerRecord, now
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
 from worker.batcher import MicroBatcher
+from worker.engine import Engine, PrefixPolicy
 from worker.loading import load_engine
 from worker.runner import BatchRunner
 
@@ -108,9 +109,19 @@ def start_runtime(celery_hostname: str) -> WorkerRuntime:
     t0 = time.perf_counter()
     engine = load_engine(spec)
     MODEL_LOAD_TIME.labels(spec.name).set(time.perf_counter() - t0)
+    if isinstance(engine, Engine):
+        engine.prefix_policy = PrefixPolicy(
+            min_tokens=settings.prefix_min_tokens or 10**9, min_rows=settings.prefix_min_rows
+        )
+        engine.prefill_max_waste = settings.prefill_max_waste
     hostname = f"{celery_hostname}/{os.getpid()}"
     runner = BatchRunner(
-        engine, spec.name, hostname, spec.batch_size(settings), spec.batch_tokens(settings)
+        engine,
+        spec.name,
+        hostname,
+        spec.batch_size(settings),
+        spec.batch_tokens(settings),
+        settings.bucket_max_waste,
     )
     batcher = MicroBatcher(runner, spec.batch_size(settings), spec.wait_ms(settings))
     _runtime = WorkerRuntime(spec=spec, hostname=hostname, batcher=batcher)

@@ -1,0 +1,444 @@
+"""The inference engine against the Hugging Face pipeline, shared-prefix reuse, quantization.
+
+    python bench/engine.py [--prompts 256] [--new-tokens 16] [--threads 1] [--parts all]
+
+All on the bench demo model (`python -m worker.demo_model DIR --size bench`, ~42M params, built
+and cached on first use), CPU, greedy decoding. Prints figures (and a Markdown table for
+bench/RESULTS.md); asserts nothing about speed.
+
+Parts (--parts, comma-separated; default all):
+  mixed   256 prompts of 10-200 tokens: (a) our engine, as the worker runs it (micro-batches of
+          --micro-batch in arrival order, sorted and cut into length buckets); (b) the
+          `transformers.pipeline("text-generation", batch_size=N)` at its best N (N is picked on
+          a 64-prompt subset); (c) our engine one request at a time (a subset); plus the padding
+          waste of random, sorted and bucketed micro-batches;
+  prefix  rows sharing a 150-token prefix with 20-token suffixes: with and without reuse, at
+          several batch sizes;
+  static  our decode loop with a DynamicCache vs a StaticCache (batch 64);
+  quant   each quantization path vs float32: speed and greedy agreement on the same prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import sysconfig
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from lmqueue.registry import ModelSpec  # noqa: E402
+from lmqueue.settings import Settings  # noqa: E402
+from worker.batcher import WorkItem  # noqa: E402
+from worker.buckets import padding_waste, plan_buckets  # noqa: E402
+from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy  # noqa: E402
+from worker.loading import load_engine  # noqa: E402
+from worker.runner import Prepared, plan_chunks  # noqa: E402
+
+CACHE = Path(os.environ.get("LMQUEUE_TEST_CACHE", Path.home() / ".cache" / "lmqueue-tests"))
+NO_REUSE = PrefixPolicy(min_tokens=10**9)
+ROWS: list[str] = []  # Markdown table rows, printed at the end
+
+
+def row(*cells: object) -> None:
+    line = "| " + " | ".join(str(c) for c in cells) + " |"
+    ROWS.append(line)
+    print(line, flush=True)
+
+
+def clock(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bench_model() -> Path:
+    from worker.demo_model import build_demo_model
+
+    return build_demo_model(CACHE / "bench", "bench")
+
+
+def mixed_prompts(tokenizer: Any, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of lo..hi tokens (BOS included), cut from CPython's argparse.py source."""
+    rng = random.Random(seed)
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi) - 1
+        start = rng.randrange(0, len(ids) - length)
+        out.append([tokenizer.bos_token_id, *ids[start : start + length]])
+    return out
+
+
+def greedy(prompts: list[list[int]], new: int) -> list[GenRequest]:
+    return [GenRequest(p, new, temperature=0) for p in prompts]
+
+
+# ---- mixed lengths: engine vs pipeline vs one by one -------------------------------------------
+
+
+def engine_as_worker(
+    engine: Engine, prompts: list[list[int]], new: int, micro: int, budget: int, waste: float
+) -> list[GenResult]:
+    """The worker's policy: micro-batches in arrival order, each sorted and bucketed."""
+    results: dict[int, GenResult] = {}
+    for start in range(0, len(prompts), micro):
+        rows = [
+            Prepared(WorkItem(str(i), "/v1/completions", {}), GenRequest(prompts[i], new, 0.0))
+            for i in range(start, min(start + micro, len(prompts)))
+        ]
+        for chunk in plan_chunks(rows, micro, budget, waste):
+            for r, res in zip(chunk, engine.generate([r.request for r in chunk]), strict=True):
+                assert isinstance(res, GenResult), res
+                results[int(r.item.job_id)] = res
+    return [results[i] for i in range(len(prompts))]
+
+
+def run_pipeline(pipe: Any, texts: list[str], new: int, batch: int) -> list[str]:
+    out = pipe(texts, batch_size=batch, max_new_tokens=new, do_sample=False, return_full_text=False)
+    return [o[0]["generated_text"] for o in out]
+
+
+def part_mixed(engine: Engine, args: argparse.Namespace, settings: Settings) -> None:
+    from transformers import pipeline
+
+    tok = engine.tokenizer
+    prompts = mixed_prompts(tok, args.prompts, 10, 200)
+    lengths = [len(p) for p in prompts]
+    micro, budget, waste = args.micro_batch, settings.max_batch_tokens, settings.bucket_max_waste
+
+    # Padding waste of the prefill: one padded call per micro-batch (arrival order), the
+    # runner's length buckets, and the engine's prefill groups inside each bucket.
+    whole = [lengths[i : i + micro] for i in range(0, len(lengths), micro)]
+    buckets, groups = [], []
+    for g in whole:
+        s = sorted(g)
+        for r in plan_buckets(s, micro, budget, waste):
+            b = s[r.start : r.stop]
+            buckets.append(b)
+            pw = engine.prefill_max_waste
+            groups += [b[q.start : q.stop] for q in plan_buckets(b, len(b), 1 << 62, pw)]
+    for label, gs in (
+        (f"one padded prefill per micro-batch of {micro}", whole),
+        (f"length buckets (bucket_max_waste {waste})", buckets),
+        (f"+ prefill groups (prefill_max_waste {engine.prefill_max_waste})", groups),
+    ):
+        row(f"prefill padding: {label}", f"{padding_waste(gs):.1%}", f"{len(gs)} forward calls")
+
+    texts = [tok.decode(p) for p in prompts]  # "<|bos|>..." -> the pipeline sees the same ids
+    pipe = pipeline("text-generation", model=engine.model, tokenizer=tok)
+    pipe.tokenizer.padding_side = "left"
+    new = args.new_tokens
+
+    # (b) pick the pipeline's best batch size on a subset, then run it on everything.
+    sub = texts[: args.sweep]
+    best_n, best_t = 1, float("inf")
+    for n in args.pipeline_batches:
+        _, t = clock(lambda n=n: run_pipeline(pipe, sub, new, n))
+        print(f"pipeline batch_size={n}: {len(sub)} prompts in {t:.1f}s")
+        if t < best_t:
+            best_n, best_t = n, t
+
+    # (a) and (b) interleaved with a repeat, so a load spike on the shared machine hits both.
+    t_a, t_b = [], []
+    ours: list[GenResult] = []
+    theirs: list[str] = []
+    for _ in range(args.repeats):
+        ours, t = clock(lambda: engine_as_worker(engine, prompts, new, micro, budget, waste))
+        t_a.append(t)
+        theirs, t = clock(lambda: run_pipeline(pipe, texts, new, best_n))
+        t_b.append(t)
+    ta, tb = min(t_a), min(t_b)
+    n_tokens = sum(r.completion_tokens for r in ours)
+    same = sum(r.text == t for r, t in zip(ours, theirs, strict=True))
+    print(f"(a) engine {ta:.1f}s  (b) pipeline N={best_n} {tb:.1f}s  a/b = {tb / ta:.2f}x")
+    print(f"    identical completions: {same}/{len(prompts)}")
+    row(
+        f"(a) engine, {len(prompts)} prompts x {new} new tokens",
+        f"{n_tokens / ta:.0f} tok/s",
+        f"{ta:.1f} s",
+    )
+    row(f"(b) HF pipeline, best batch_size={best_n}", f"{n_tokens / tb:.0f} tok/s", f"{tb:.1f} s")
+    row("**a/b**", f"**{tb / ta:.2f}x**", f"identical outputs {same}/{len(prompts)}")
+
+    # (c) one request at a time (a subset): per-request throughput.
+    subset = prompts[: args.serial]
+    _, tc = clock(lambda: [engine.generate(greedy([p], new)) for p in subset])
+    row(
+        f"(c) engine, batch size 1 ({len(subset)} prompts)",
+        f"{len(subset) * new / tc:.0f} tok/s",
+        f"{len(subset) / tc:.2f} req/s vs (a) {len(prompts) / ta:.2f} req/s",
+    )
+
+    # The engine as it was before length buckets, prefill groups and KV buffers.
+    saved = engine.kv_buffers
+    engine.kv_buffers = False  # plain DynamicCache (torch.cat per step), one padded prefill
+    _, t = clock(lambda: engine_as_worker(engine, prompts, new, micro, budget, 1.0))
+    engine.kv_buffers = saved
+    row(
+        "(a) without buckets, prefill groups, KV buffers",
+        f"{n_tokens / t:.0f} tok/s",
+        f"{t:.1f} s ({t / ta:.2f}x the time of (a))",
+    )
+
+
+# ---- shared prefix --------------------------------------------------------------------------
+
+
+def part_prefix(engine: Engine, args: argparse.Namespace) -> None:
+    rng = random.Random(1)
+    prefix = mixed_prompts(engine.tokenizer, 1, 150, 150, seed=7)[0]
+    vocab = len(engine.tokenizer)
+    new = args.new_tokens
+    saved = engine.prefix_policy
+    for batch in args.prefix_batches:
+        prompts = [prefix + [rng.randrange(3, vocab) for _ in range(20)] for _ in range(batch)]
+        reqs = greedy(prompts, new)
+        times: dict[str, float] = {"off": float("inf"), "on": float("inf")}
+        outs: dict[str, Any] = {}
+        for _ in range(args.repeats):
+            for mode, policy in (("off", NO_REUSE), ("on", PrefixPolicy(min_tokens=1, min_rows=1))):
+                engine.prefix_policy = policy
+                outs[mode], t = clock(lambda reqs=reqs: engine.generate(reqs))
+                times[mode] = min(times[mode], t)
+        same = all(a.token_ids == b.token_ids for a, b in zip(outs["off"], outs["on"], strict=True))
+        speedup = times["off"] / times["on"]
+        print(
+            f"prefix 150 + suffix 20, batch {batch}: off {times['off']:.2f}s "
+            f"on {times['on']:.2f}s -> {speedup:.2f}x, identical={same}"
+        )
+        row(
+            f"shared prefix 150 + 20, batch {batch}",
+            f"**{speedup:.2f}x**",
+            f"{times['off']:.2f} s -> {times['on']:.2f} s, identical outputs: {same}",
+        )
+    engine.prefix_policy = saved
+
+
+# ---- static cache ---------------------------------------------------------------------------
+
+
+def part_static(engine: Engine, args: argparse.Namespace) -> None:
+    """A plain decode loop (every row runs every step) with three caches: transformers'
+    DynamicCache (torch.cat per step), StaticCache (preallocated, index_copy_, attends over its
+    whole length every step) and ours (worker.kv_cache: preallocated, attends over the filled
+    part)."""
+    from transformers import DynamicCache, StaticCache
+
+    from worker.kv_cache import new_cache
+
+    model, B, T, N = engine.model, 64, 100, 24
+    ids = torch.tensor(mixed_prompts(engine.tokenizer, B, T, T, seed=3))
+
+    def make(kind: str) -> Any:
+        if kind == "StaticCache":
+            return StaticCache(config=model.config, max_cache_len=T + N)
+        if kind == "DynamicCache":
+            return DynamicCache(config=model.config)
+        return new_cache(model.config, T + N)
+
+    def decode(kind: str) -> tuple[float, list[list[int]]]:
+        cache, static = make(kind), kind == "StaticCache"
+        mask = torch.ones(B, T + N if static else T, dtype=torch.long)
+        mask[:, T:] = 0
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                position_ids=torch.arange(T)[None].expand(B, T),
+                logits_to_keep=1,
+            )
+            tok = out.logits[:, -1].argmax(-1)
+            toks = [tok]
+            t0 = time.perf_counter()
+            for step in range(N - 1):
+                p = T + step
+                if static:
+                    mask[:, p] = 1
+                else:
+                    mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+                out = model(
+                    input_ids=tok[:, None],
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    position_ids=torch.full((B, 1), p),
+                    logits_to_keep=1,
+                )
+                tok = out.logits[:, -1].argmax(-1)
+                toks.append(tok)
+            dt = time.perf_counter() - t0
+        return B * (N - 1) / dt, torch.stack(toks, 1).tolist()
+
+    kinds = ("DynamicCache", "StaticCache", "BufferedLayer (ours)")
+    best = dict.fromkeys(kinds, 0.0)
+    outs: dict[str, list[list[int]]] = {}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            rate, outs[kind] = decode(kind)
+            best[kind] = max(best[kind], rate)
+    base = best["DynamicCache"]
+    for kind in kinds:
+        same = outs[kind] == outs["DynamicCache"]
+        print(f"decode batch {B}, {T}-token prompts: {kind} {best[kind]:.0f} tok/s, same={same}")
+        row(
+            f"decode, batch {B}, {T}-token prompts: {kind}",
+            f"{best[kind]:.0f} tok/s",
+            f"{best[kind] / base:.2f}x, identical tokens: {same}",
+        )
+
+
+# ---- quantization ---------------------------------------------------------------------------
+
+
+def next_token_agreement(engine: Engine, prompts: list[list[int]], ref: list[GenResult]) -> float:
+    """Teacher-forced greedy agreement: on float32's own completions, how often the model's
+    argmax is float32's next token (one divergence does not spoil the rest, unlike comparing
+    free-running completions)."""
+    hits = total = 0
+    for prompt, r in zip(prompts, ref, strict=True):
+        seq = torch.tensor([prompt + r.token_ids], device=engine.device)
+        with torch.inference_mode():
+            logits = engine.model(input_ids=seq).logits[0].float()  # [L, V]
+        pred = logits[len(prompt) - 1 : seq.shape[1] - 1].argmax(-1).tolist()
+        hits += sum(a == b for a, b in zip(pred, r.token_ids, strict=True))
+        total += len(r.token_ids)
+    return hits / max(1, total)
+
+
+def layer_error(engine: Engine, base: Engine) -> float:
+    """Relative L2 error of one quantized linear layer (layer 0's MLP up-projection) against
+    float32 on random activations: the quantization itself, without the random model's
+    amplification of small errors through its layers."""
+    x = torch.randn(64, base.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ref_layer = base.model.model.layers[0].mlp.up_proj
+    layer = engine.model.model.layers[0].mlp.up_proj
+    dtype = next(iter(engine.model.parameters())).dtype
+    with torch.inference_mode():
+        want = ref_layer(x)
+        got = layer(x.to(dtype if dtype.is_floating_point else torch.float32)).float()
+    return float((got - want).norm() / want.norm())
+
+
+def part_quant(base: Engine, model_dir: Path, args: argparse.Namespace) -> None:
+    import importlib.util
+
+    prompts = mixed_prompts(base.tokenizer, args.quant_prompts, 10, 200, seed=5)
+    reqs = greedy(prompts, args.new_tokens)
+
+    def timed(engine: Engine) -> tuple[list[GenResult], float]:
+        engine.generate(greedy(prompts[:2], 2))  # warm-up (kernel selection, lazy init)
+        best, out = float("inf"), []
+        for _ in range(args.repeats):
+            out, t = clock(lambda: engine.generate(reqs))
+            best = min(best, t)
+        return out, best
+
+    ref, t_ref = timed(base)
+    row(f"float32 (reference), {len(prompts)} prompts", "1.00x", f"{t_ref:.2f} s")
+    paths: list[tuple[str, str, Callable[[], Path]]] = [
+        ("none", "float16", lambda: model_dir),
+        ("none", "bfloat16", lambda: model_dir),
+        ("cpu-int8", "auto", lambda: model_dir),
+        ("bnb-int8", "auto", lambda: model_dir),
+        ("bnb-nf4", "auto", lambda: model_dir),
+        ("gptq", "auto", lambda: gptq_dir(model_dir)),
+    ]
+    for method, dtype, path in paths:
+        label = dtype if method == "none" else method
+        if method == "gptq" and not all(
+            importlib.util.find_spec(m) for m in ("gptqmodel", "optimum")
+        ):
+            row(label, "skipped", "pip install 'lmqueue[gptq]'")
+            continue
+        spec = ModelSpec(name="q", path=str(path()), quantization=method, dtype=dtype)  # type: ignore[arg-type]
+        engine = load_engine(spec)
+        assert isinstance(engine, Engine)
+        out, t = timed(engine)
+        forced = next_token_agreement(engine, prompts, ref)
+        err = layer_error(engine, base)
+        whole = sum(x.token_ids == y.token_ids for x, y in zip(ref, out, strict=True))
+        print(f"{label}: {t:.2f}s vs float32 {t_ref:.2f}s; next-token agreement {forced:.1%}")
+        row(
+            label,
+            f"{t_ref / t:.2f}x",
+            f"{t:.2f} s; greedy next-token agreement {forced:.0%}; "
+            f"{whole}/{len(ref)} completions identical; one layer's error {err:.2%}",
+        )
+        del engine
+
+
+def gptq_dir(model_dir: Path) -> Path:
+    from worker.demo_model import RECIPE_VERSION
+    from worker.gptq import quantize_gptq
+
+    out = CACHE / f"{model_dir.name}-gptq4-r{RECIPE_VERSION}"
+    path, t = clock(lambda: quantize_gptq(model_dir, out, bits=4, group_size=128))
+    print(f"gptq checkpoint {path} ready in {t:.1f}s")
+    return Path(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--serial", type=int, default=32, help="prompts run one at a time")
+    parser.add_argument("--pipeline-batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--sweep", type=int, default=48, help="prompts to pick the pipeline's N")
+    parser.add_argument("--prefix-batches", type=int, nargs="+", default=[1, 2, 4, 32])
+    parser.add_argument("--quant-prompts", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--parts", default="mixed,prefix,static,quant")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    settings = Settings()
+    engine_settings = settings
+    model_dir = bench_model()
+    engine = load_engine(ModelSpec(name="bench", path=str(model_dir)))
+    assert isinstance(engine, Engine)
+    engine.prefill_max_waste = engine_settings.prefill_max_waste  # as worker.runtime does
+    load = os.getloadavg()[0]
+    print(f"bench model {model_dir}; torch threads {torch.get_num_threads()}; load {load:.1f}")
+    parts = set(args.parts.split(","))
+    sections = [
+        ("mixed", lambda: part_mixed(engine, args, settings)),
+        ("prefix", lambda: part_prefix(engine, args)),
+        ("static", lambda: part_static(engine, args)),
+        ("quant", lambda: part_quant(engine, model_dir, args)),
+    ]
+    for name, fn in sections:
+        if name in parts:
+            ROWS.append(f"| **{name}** | | |")
+            _, t = clock(fn)
+            print(f"-- part {name}: {t:.0f}s")
+    print(
+        f"\ntotal {time.perf_counter() - started:.0f}s, load average now {os.getloadavg()[0]:.1f}\n"
+    )
+    print("| case | figure | detail |\n| --- | --- | --- |")
+    print("\n".join(ROWS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
