@@ -219,7 +219,7 @@ class OOMAbove:
 
 def run_items(runner: BatchRunner, texts: list[str]) -> dict[str, Outcome]:
     stored: list[Outcome] = []
-    runner._store = stored.extend  # type: ignore[method-assign]  # no database in a unit test
+    runner._store = lambda outcomes, _items: stored.extend(outcomes)  # type: ignore[method-assign]  # no database in a unit test
     items = [
         WorkItem(f"job{i}", "/v1/completions", {"model": "tiny", "prompt": t, "max_tokens": 3})
         for i, t in enumerate(texts)
