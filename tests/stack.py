@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,16 @@ class Stack:
 
 def python() -> str:
     return sys.executable
+
+
+@contextmanager
+def running(stack: Stack, workers: Iterable[str] = ()) -> Iterator[Stack]:
+    """Migrate, start the API (and workers for `workers`), and stop it all afterwards."""
+    stack.migrate()
+    try:
+        stack.start_api()
+        for model in workers:
+            stack.start_worker(model)
+        yield stack
+    finally:
+        stack.stop()

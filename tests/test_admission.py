@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from lmqueue.models import Job, JobStatus, new_id
 from tests.ops_support import as_key, auth_stack, create_key
 from tests.services import wait_until
-from tests.stack import Stack
+from tests.stack import Stack, running
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,12 +40,8 @@ def stack(
         LMQUEUE_MAX_REQUEST_BYTES=str(MAX_BODY),
         LMQUEUE_MAX_JOB_TIMEOUT_S="100",
     )
-    st.migrate()
-    try:
-        st.start_api()
+    with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 def _job(prompt: str, model: str = "idle", **extra: object) -> dict[str, object]:

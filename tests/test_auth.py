@@ -18,7 +18,7 @@ from lmqueue.exposure import api_problems, flower_problems, is_loopback
 from lmqueue.settings import Settings
 from tests.ops_support import as_key, auth_stack, create_key, lmqueue_cli
 from tests.services import Proc, free_port, python_argv, wait_until
-from tests.stack import Stack
+from tests.stack import Stack, running
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,12 +29,8 @@ def stack(
 ) -> Iterator[Stack]:
     db = f"sqlite:///{tmp_path_factory.mktemp('auth') / 'lmqueue.db'}"
     st = auth_stack(db, redis_url, tiny_model_dir, tmp_path_factory.mktemp("logs"))
-    st.migrate()
-    try:
-        st.start_api()
+    with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture(scope="module")

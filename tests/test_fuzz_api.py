@@ -20,7 +20,7 @@ import pytest
 
 from tests.ops_support import as_key, auth_stack, create_key
 from tests.services import fresh_postgres_database, postgres_admin_url
-from tests.stack import Stack
+from tests.stack import Stack, running
 
 MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "40")
 SEED = os.environ.get("FUZZ_SEED", "20261128")
@@ -50,12 +50,8 @@ def stack(
         LMQUEUE_LONG_POLL_MAX_S="1",
         LMQUEUE_MAX_REQUEST_BYTES="200000",
     )
-    st.migrate()
-    try:
-        st.start_api()
+    with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture(scope="module")

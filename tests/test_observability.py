@@ -18,7 +18,7 @@ from lmqueue.db import make_engine
 from lmqueue.readiness import readiness
 from lmqueue.settings import Settings
 from tests.services import Proc, free_port, python_argv, wait_until
-from tests.stack import Stack
+from tests.stack import Stack, running
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,12 +36,8 @@ def stack(
         {"tiny": tiny_model_dir, "idle": tiny_model_dir},
         tmp_path_factory.mktemp("l"),
     )
-    st.migrate()
-    try:
-        st.start_api()
+    with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture(scope="module")
