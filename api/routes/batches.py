@@ -97,9 +97,7 @@ def retrieve_batch(
     session: Annotated[Session, Depends(get_session, scope="function")],
     owner: Annotated[str, Depends(get_owner)],
 ) -> dict[str, Any]:
-    view = b.view_batches(session, [_load(session, owner, batch_id)])[0]
-    session.commit()  # before answering: the client may read what advancing wrote at once
-    return view
+    return b.view_batches(session, [_load(session, owner, batch_id)])[0]
 
 
 @router.get("/v1/batches")
@@ -110,9 +108,7 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     rows, has_more = b.list_batches(session, owner, after=after, limit=limit)
-    data = b.view_batches(session, rows)
-    session.commit()
-    return list_page(data, has_more)
+    return list_page(b.view_batches(session, rows), has_more)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
@@ -126,9 +122,7 @@ def cancel_batch(
         b.cancel_batch(session, batch)
     except b.BatchInputError as exc:
         raise _api_error(exc) from exc
-    view = b.view_batches(session, [batch])[0]
-    session.commit()
-    return view
+    return b.view_batches(session, [batch])[0]
 
 
 @router.get("/v1/batches/{batch_id}/results")
@@ -164,7 +158,7 @@ def retry_failed(
     from a new input file holding just those lines."""
     parent = _load(session, owner, batch_id)
     b.view_batches(session, [parent])  # bring its status up to date first
-    session.commit()
+    session.commit()  # keep the advanced status even if the checks below refuse the retry
     if parent.status not in RETRYABLE:
         msg = f"batch {batch_id} is {parent.status}; retry it once it is completed, expired or "
         raise APIError(409, msg + "cancelled", code="not_finished")

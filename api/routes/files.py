@@ -100,7 +100,6 @@ def retrieve_file(
 ) -> dict[str, Any]:
     f = _load(session, owner, file_id)
     fs.ensure_measured(session, f)
-    session.commit()
     return fs.file_to_dict(f)
 
 
@@ -118,7 +117,6 @@ def list_files(
     )
     for f in rows:
         fs.ensure_measured(session, f)
-    session.commit()
     data = [fs.file_to_dict(f) for f in rows]
     return list_page(data, has_more)
 
@@ -130,7 +128,6 @@ def delete_file(
     owner: Annotated[str, Depends(get_owner)],
 ) -> dict[str, Any]:
     fs.delete_file(session, _load(session, owner, file_id))
-    session.commit()  # before answering (the session dependency commits after the response)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
