@@ -10,7 +10,7 @@ from typing import Any
 from openai import OpenAI
 
 from tests.services import wait_until
-from tests.stack import Stack
+from tests.stack import Stack, running
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 # Small limits so the limit tests stay small; the defaults are 50,000 lines and 200 MB.
@@ -41,14 +41,8 @@ def batch_stack(
         },
     )
     (tmp / "logs").mkdir(exist_ok=True)
-    st.migrate()
-    try:
-        st.start_api()
-        for model in workers:
-            st.start_worker(model)
+    with running(st, workers):
         yield st
-    finally:
-        st.stop()
 
 
 def line(

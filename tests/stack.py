@@ -4,7 +4,6 @@ all real, talking to a real Redis."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ class Stack:
                 "LMQUEUE_QUEUE_PREFIX": self.queue_prefix,
                 "LMQUEUE_MODELS": ",".join(f"{n}={p}" for n, p in self.models.items()),
                 "LMQUEUE_EMBEDDED_REDIS": "never",
+                "LMQUEUE_DATA_DIR": str(self.log_dir / "data"),  # uploads stay out of the repo
                 "LMQUEUE_HEARTBEAT_S": "1",
                 # Tests talk to a loopback API without keys; auth tests turn it on in extra_env.
                 "LMQUEUE_AUTH_ENABLED": "false",
@@ -216,10 +216,6 @@ class Stack:
 
     def worker_logs(self) -> str:
         return "\n\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
-
-
-def python() -> str:
-    return sys.executable
 
 
 @contextmanager
