@@ -4,6 +4,7 @@ tokens, outcomes, model load time); /readyz reports what is missing."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +170,45 @@ def test_readyz(stack: Stack, tmp_path: Path) -> None:
     engine.dispose()
     assert "migrations not at head" in (problems["store"] or "")
     assert "does not answer" in (problems["broker"] or "")
+
+
+def test_worker_metrics_count_shared_prefix_reuse(stack: Stack, worker_metrics: str) -> None:
+    """Bulk lines travel 32 to a message, so these four land in one micro-batch; they share a
+    long prompt prefix, which the engine prefills once and the worker's counters report."""
+    header = "def shared(x):\n    return x * 2 + 1\n" * 6  # well over the 32-token minimum
+    lines = [
+        {
+            "custom_id": f"p{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": f"{header}# case {i}", "max_tokens": 2},
+        }
+        for i in range(4)
+    ]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    with stack.client() as client:
+        upload = client.post(
+            "/v1/files", files={"file": ("p.jsonl", content)}, data={"purpose": "batch"}
+        )
+        assert upload.status_code == 200, upload.text
+        batch = client.post(
+            "/v1/batches",
+            json={
+                "input_file_id": upload.json()["id"],
+                "endpoint": "/v1/completions",
+                "completion_window": "1h",
+            },
+        ).json()
+
+        def done() -> dict[str, Any] | None:
+            b: dict[str, Any] = client.get(f"/v1/batches/{batch['id']}").json()
+            return b if b["status"] in ("completed", "failed") else None
+
+        finished = wait_until(done, 120, "the prefix batch to finish", every_s=0.2)
+    assert finished["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
+    text = httpx.get(worker_metrics, timeout=5).text
+    assert (sample(text, "lmqueue_prefix_reuse_requests_total", model="tiny") or 0) >= 4
+    assert (sample(text, "lmqueue_prefix_cache_hits_total", model="tiny") or 0) > 0
+    assert (sample(text, "lmqueue_prefix_cache_queries_total", model="tiny") or 0) >= (
+        sample(text, "lmqueue_prefix_cache_hits_total", model="tiny") or 0
+    )
