@@ -95,6 +95,7 @@ def test_split_prefill_is_exact_and_decodes_together(engine: Engine) -> None:
     def spy(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         seen.append((kwargs["position_ids"].tolist(), kwargs["attention_mask"].tolist()))
 
+    engine.prefix_policy = NO_REUSE  # two prompts are identical: keep them in length groups
     engine.prefill_max_waste = 1.0
     one = engine.generate(reqs)
     engine.prefill_max_waste = 0.1
@@ -103,6 +104,7 @@ def test_split_prefill_is_exact_and_decodes_together(engine: Engine) -> None:
         split = engine.generate(reqs)
     finally:
         handle.remove()
+        engine.prefix_policy = PrefixPolicy()
     for a, b in zip(one, split, strict=True):
         assert isinstance(a, GenResult) and isinstance(b, GenResult)
         assert (a.token_ids, a.finish_reason, a.completion_tokens) == (

@@ -1,0 +1,255 @@
+"""The continuous-batching loop's engine: decode slots that requests join and leave every step.
+
+Each `step()`:
+1. drops cancelled rows (their slots free at once);
+2. admits waiting rows into free slots: their prompts are prefilled within a per-step token
+   budget (a prompt longer than the budget is prefilled a chunk per step), their first token is
+   sampled, and their KV joins the slot cache;
+3. runs one decode step for every live row; rows that finish leave their slot.
+
+Out of memory inside a forward is handled outside the `except` block (the traceback holds the
+failed call's tensors until it is left): the newest rows are preempted back to waiting, their KV
+dropped and recomputed later, and the slot count is lowered; a row fails with `out_of_memory`
+only when it cannot run alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from worker.faults import free_cached_memory, is_out_of_memory
+from worker.gen_types import GenRequest, Outcome, RequestError, TokenEvent
+from worker.kv_slots import SlotCache
+from worker.prefill import ChunkedPrefill, Group, Prefilled, plan_groups, prefill_group
+from worker.rows import Row, new_generator, push, result, stream_delta
+from worker.sampling import choose
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    finished: list[tuple[str, Outcome]] = field(default_factory=list)
+    events: list[TokenEvent] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # cancelled rows that left
+    live: int = 0  # rows that decoded this step
+    prefilled: int = 0  # prompt tokens computed this step
+
+
+class SlotEngine:
+    def __init__(self, engine: Engine, slots: int, prefill_budget: int):
+        self.engine = engine
+        self.slots = max(1, slots)
+        self.prefill_budget = max(1, prefill_budget)
+        self.cache = SlotCache(engine.model.config, self.slots)
+        self.live: list[Row] = []  # row i <-> slot-cache row i
+        self.waiting: deque[Row] = deque()  # admitted, not yet prefilled
+        self.chunked: ChunkedPrefill | None = None
+        self._cancel: set[str] = set()
+        self._seq = 0
+
+    # ---- the caller's side ----------------------------------------------------------------
+
+    def capacity(self) -> int:
+        """Requests this engine can take now without exceeding its slots."""
+        held = len(self.live) + len(self.waiting) + (1 if self.chunked else 0)
+        return max(0, self.slots - held)
+
+    def admit(self, key: str, req: GenRequest) -> RequestError | None:
+        """Queue a request for its prefill; a request it can never run is refused at once."""
+        err = self.engine.check(req)
+        if err is not None:
+            return err
+        limit = min(req.max_tokens, self.engine.max_context - len(req.prompt_ids))
+        self._seq += 1
+        row = Row(key, req, limit, new_generator(req), admitted_seq=self._seq)
+        self.waiting.append(row)
+        return None
+
+    def cancel(self, keys: Iterable[str]) -> None:
+        self._cancel.update(keys)
+
+    def idle(self) -> bool:
+        return not (self.live or self.waiting or self.chunked)
+
+    def keys(self) -> list[str]:
+        rows = [*self.live, *self.waiting] + ([self.chunked.row] if self.chunked else [])
+        return [r.key for r in rows]
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def step(self) -> StepOutput:
+        out = StepOutput()
+        with torch.inference_mode():
+            self._drop_cancelled(out)
+            self._admit(out)
+            if self.live:
+                self._decode(out)
+        return out
+
+    def _drop_cancelled(self, out: StepOutput) -> None:
+        if not self._cancel:
+            return
+        gone = self._cancel
+        self._cancel = set()
+        for i in reversed(range(len(self.live))):
+            if self.live[i].key in gone:
+                out.dropped.append(self.live[i].key)
+                self._leave(i)
+        kept = [r for r in self.waiting if r.key not in gone]
+        out.dropped += [r.key for r in self.waiting if r.key in gone]
+        self.waiting = deque(kept)
+        if self.chunked and self.chunked.row.key in gone:
+            out.dropped.append(self.chunked.row.key)
+            self.chunked = None
+
+    def _admit(self, out: StepOutput) -> None:
+        budget = self.prefill_budget
+        ready: list[Prefilled] = []
+        if self.chunked is not None:  # a long prompt in progress takes this step's budget
+            self._advance_chunk(ready, budget, out)
+            budget = 0
+        take: list[Row] = []
+        free = self.cache.free - len(ready)
+        while self.waiting and len(take) < free and budget > 0:
+            n = len(self.waiting[0].req.prompt_ids)
+            if n > budget:
+                if not take and n > self.prefill_budget and self.chunked is None:
+                    self.chunked = ChunkedPrefill(self.engine, self.waiting.popleft())
+                    self._advance_chunk(ready, budget, out)
+                break  # the rest waits for the next step's budget
+            take.append(self.waiting.popleft())
+            budget -= n
+        for group in plan_groups(self.engine, take) if take else []:
+            ready += self._prefill(group, out)
+        if ready:
+            self._join(ready, out)
+
+    def _advance_chunk(self, ready: list[Prefilled], budget: int, out: StepOutput) -> None:
+        chunked = self.chunked
+        assert chunked is not None
+        res = self._try(lambda: chunked.advance(budget), out)
+        if isinstance(res, _Failed):
+            self._fail(chunked.row, res.exc, out)
+            self.chunked = None
+        elif res is not None:
+            out.prefilled += len(chunked.row.req.prompt_ids)
+            ready.append(res)
+            self.chunked = None
+
+    def _prefill(self, group: Group, out: StepOutput) -> list[Prefilled]:
+        """Prefill a group; out of memory splits it (down to one row, which then fails)."""
+        res = self._try(lambda: prefill_group(self.engine, group), out)
+        if not isinstance(res, _Failed):
+            out.prefilled += sum(len(r.req.prompt_ids) for r in group.rows)
+            return res or []
+        if len(group.rows) == 1:
+            self._fail(group.rows[0], res.exc, out)
+            return []
+        mid = len(group.rows) // 2
+        return self._prefill(Group(group.rows[:mid]), out) + self._prefill(
+            Group(group.rows[mid:]), out
+        )
+
+    def _join(self, ready: list[Prefilled], out: StepOutput) -> None:
+        rows = [p.row for p in ready]
+        logits = torch.stack([p.logits for p in ready])  # [b, V]
+        self._sample(rows, logits, out)
+        for p in ready:
+            if p.row.finished:
+                continue
+            self.cache.join(p.kv)
+            self.live.append(p.row)
+
+    def _decode(self, out: StepOutput) -> None:
+        eng = self.engine
+        tok = torch.tensor([[r.tokens[-1]] for r in self.live], device=eng.device)  # [n, 1]
+        self.cache.reserve(1)
+        mask, pos = self.cache.mask_and_positions(1, eng.device)  # [n, W + 1], [n, 1]
+        res = self._try(lambda: eng.forward(tok, mask, pos, self.cache.cache), out)
+        if isinstance(res, _Failed):
+            self._preempt(res.exc, out)
+            return
+        self.cache.advance(1)
+        out.live = len(self.live)
+        self._sample(list(self.live), res, out)
+        for i in reversed(range(len(self.live))):
+            if self.live[i].finished:
+                self._leave(i)
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor, out: StepOutput) -> None:
+        eng = self.engine
+        tok, bad = choose(logits, rows)  # [b], [b]
+        for row, t, is_bad in zip(rows, tok.tolist(), bad.tolist(), strict=True):
+            if is_bad:
+                row.error = RequestError(
+                    "numerical_error", f"model {eng.name!r} produced NaN/inf logits for this request"
+                )
+            else:
+                push(row, t, eng.eos_ids, eng.decode_text)
+            if row.req.stream:
+                out.events.append(TokenEvent(row.key, stream_delta(row), row.completion_tokens))
+            if row.finished:
+                out.finished.append((row.key, result(row, eng.decode_text)))
+
+    def _leave(self, i: int) -> None:
+        self.cache.leave(i)
+        last = self.live.pop()
+        if i < len(self.live):
+            self.live[i] = last
+
+    # ---- out of memory --------------------------------------------------------------------
+
+    def _try(self, fn, out: StepOutput):  # type: ignore[no-untyped-def]
+        """Run fn; an out-of-memory error comes back as _Failed, after the except block is
+        left, so the failed call's tensors are gone before memory is freed."""
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Keep the message only: the exception's traceback holds the failed call's frames
+            # and with them its tensors.
+            message = f"{type(exc).__name__}: {exc}"
+        free_cached_memory()  # outside the except block, so those tensors are gone by now
+        self.engine.stats.oom_splits += 1
+        return _Failed(message)
+
+    def _preempt(self, exc: str, out: StepOutput) -> None:
+        """The decode step ran out of memory: preempt the newest half of the live rows back to
+        waiting (KV dropped, recomputed later) and lower the slot count to what ran."""
+        if len(self.live) == 1:
+            self._fail(self.live[0], exc, out)
+            self._leave(0)
+            return
+        order = sorted(range(len(self.live)), key=lambda i: self.live[i].admitted_seq)
+        victims = sorted(order[len(order) // 2 :], reverse=True)
+        rows = [self.live[i] for i in victims]
+        for i in victims:
+            self._leave(i)
+        for row in sorted(rows, key=lambda r: r.admitted_seq, reverse=True):
+            row.reset()
+            self.waiting.appendleft(row)
+        self.slots = max(1, len(self.live))
+        self.cache.shrink(self.slots)
+        log.warning("out of memory at %d rows: %d preempted, slots now %d",
+                    len(self.live) + len(rows), len(rows), self.slots)
+
+    def _fail(self, row: Row, exc: str, out: StepOutput) -> None:
+        log.error("request %s ran out of memory alone: %s", row.key, exc)
+        row.error = RequestError("out_of_memory", f"out of memory running this request alone: {exc}")
+        out.finished.append((row.key, row.error))
+
+
+@dataclass
+class _Failed:
+    exc: str  # what the out-of-memory error said
