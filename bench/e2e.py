@@ -18,16 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import bench_model_dir, mixed_prompts, timed
+from worker.batcher import WorkItem
+from worker.runner import Prepared, plan_chunks, to_gen_request
 
 from lmqueue.embedded import EmbeddedRedis, redis_reachable
 from lmqueue.models import Job
 from lmqueue.registry import ModelSpec
 from lmqueue.settings import Settings
 from tests.stack import Stack
-from worker.batcher import WorkItem
 from worker.engine import Engine, GenResult
 from worker.loading import load_engine
-from worker.runner import Prepared, plan_chunks, to_gen_request
 
 
 def engine_alone(

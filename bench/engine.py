@@ -36,14 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from worker.batcher import WorkItem  # noqa: E402
+from worker.runner import Prepared, plan_chunks  # noqa: E402
 
 from lmqueue.registry import ModelSpec  # noqa: E402
 from lmqueue.settings import Settings  # noqa: E402
-from worker.batcher import WorkItem  # noqa: E402
 from worker.buckets import padding_waste, plan_buckets  # noqa: E402
 from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy  # noqa: E402
 from worker.loading import load_engine  # noqa: E402
-from worker.runner import Prepared, plan_chunks  # noqa: E402
 
 CACHE = Path(os.environ.get("LMQUEUE_TEST_CACHE", Path.home() / ".cache" / "lmqueue-tests"))
 NO_REUSE = PrefixPolicy(min_tokens=10**9)

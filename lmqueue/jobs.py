@@ -144,6 +144,40 @@ def claim_jobs(session: Session, job_ids: Sequence[str], worker: str, lease_s: f
     return list(session.scalars(select(Job).where(Job.id.in_(claimed))))
 
 
+def offered_jobs(session: Session, job_ids: Sequence[str]) -> list[Job]:
+    """The jobs of a message a worker may still run: queued, or running with an expired lease
+    (read only; the worker claims each one when it enters a slot)."""
+    t = now()
+    stmt = select(Job).where(
+        Job.id.in_(job_ids),
+        or_(
+            Job.status == JobStatus.QUEUED,
+            (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < t),
+        ),
+    )
+    return list(session.scalars(stmt))
+
+
+def jobs_to_drop(
+    session: Session, running: Sequence[str], waiting: Sequence[str], worker: str
+) -> set[str]:
+    """Of a worker's running jobs, those it no longer holds (cancelled, timed out, claimed
+    elsewhere); of its waiting ones, those already finished or cancelled."""
+    drop: set[str] = set()
+    if running:
+        held = session.scalars(
+            select(Job.id).where(
+                Job.id.in_(running), Job.status == JobStatus.RUNNING, Job.worker == worker
+            )
+        )
+        drop |= set(running) - set(held)
+    if waiting:
+        done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        drop |= set(session.scalars(select(Job.id).where(Job.id.in_(waiting),
+                                                         Job.status.in_(done))))
+    return drop
+
+
 def renew_leases(session: Session, job_ids: Iterable[str], worker: str, lease_s: float) -> None:
     ids = list(job_ids)
     if not ids:

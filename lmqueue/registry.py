@@ -19,6 +19,9 @@ from lmqueue.settings import Settings, get_settings
 Task = Literal["generate", "embed"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "bnb-int8", "bnb-nf4", "gptq", "cpu-int8"]
+# Which continuous-batching engine runs a generation model: lmqueue's slot loop, or transformers'
+# paged ContinuousBatchingManager (greedy decoding only; sliding-window models need it).
+EngineKind = Literal["lmqueue", "hf-paged"]
 
 
 class ModelSpec(BaseModel):
@@ -33,9 +36,10 @@ class ModelSpec(BaseModel):
     quantization: Quantization = "none"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_context: int = Field(default=0, ge=0)  # 0 = the model config's max_position_embeddings
-    max_batch_size: int = Field(default=0, ge=0)  # 0 = the global setting
-    max_wait_ms: int = Field(default=-1, ge=-1)  # -1 = the global setting
+    engine: EngineKind = "lmqueue"
+    max_batch_size: int = Field(default=0, ge=0)  # decode slots; 0 = the global setting
     max_batch_tokens: int = Field(default=0, ge=0)  # 0 = the global setting
+    prefill_budget: int = Field(default=0, ge=0)  # prompt tokens per step; 0 = the global setting
     trust_remote_code: bool = False
 
     def endpoints(self) -> tuple[str, ...]:
@@ -46,8 +50,8 @@ class ModelSpec(BaseModel):
     def batch_size(self, settings: Settings) -> int:
         return self.max_batch_size or settings.max_batch_size
 
-    def wait_ms(self, settings: Settings) -> int:
-        return settings.max_wait_ms if self.max_wait_ms < 0 else self.max_wait_ms
+    def prefill_tokens(self, settings: Settings) -> int:
+        return self.prefill_budget or settings.prefill_budget
 
     def batch_tokens(self, settings: Settings) -> int:
         return self.max_batch_tokens or settings.max_batch_tokens

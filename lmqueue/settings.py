@@ -36,12 +36,20 @@ class Settings(BaseSettings):
 
     # --- queue and delivery -----------------------------------------------------------------
     queue_prefix: str = "lmqueue"
+    # Decode slots of a worker's continuous-batching loop (rows that decode together).
     max_batch_size: int = Field(default=32, ge=1, le=1024)
-    max_wait_ms: int = Field(default=20, ge=0, le=60_000)
-    max_batch_tokens: int = Field(default=16_384, ge=64)
+    max_batch_tokens: int = Field(default=16_384, ge=64)  # embeddings: tokens per encoder call
+    # Prompt tokens a step may prefill (longer prompts are prefilled a chunk per step), so the
+    # running rows' step time stays bounded while new rows join.
+    prefill_budget: int = Field(default=1024, ge=16)
     worker_concurrency: int = Field(
         default=0, ge=0, description="messages a worker holds at once; 0 = 2 x max_batch_size"
     )
+    # Jobs a worker keeps waiting for a slot (unclaimed, still `queued`); a message with more is
+    # taken in part and the rest re-sent to the queue for other workers. 0 = 2 x slots.
+    worker_hold_jobs: int = Field(default=0, ge=0)
+    # How often a worker asks the store which of its running jobs were cancelled.
+    cancel_poll_s: float = Field(default=0.25, gt=0)
     # Above the longest allowed job, so a long job's message is never redelivered while it runs.
     visibility_timeout_s: int = 3600
     lease_s: float = 60.0
@@ -127,15 +135,12 @@ class Settings(BaseSettings):
     )
 
     # --- engine ------------------------------------------------------------------------------
-    # Length buckets: a generate() call is closed before its padded prompt positions would
-    # exceed this fraction (rows sorted by length first); 1.0 turns bucketing off. Loose, because
-    # every call decodes separately and bigger decode batches are cheaper per token.
-    bucket_max_waste: float = Field(default=0.5, ge=0.0, le=1.0)
-    # Within a call, the prefill runs in length groups padded at most this much, merged into one
-    # decode batch afterwards; 1.0 = one padded prefill per call.
+    # The rows a step admits are prefilled in length groups padded at most this much, then join
+    # the decode slots; 1.0 = one padded prefill per step.
     prefill_max_waste: float = Field(default=0.1, ge=0.0, le=1.0)
-    # Shared-prefix KV reuse: a batch whose prompts share at least this many leading tokens,
-    # with at least prefix_min_rows rows, computes the prefix once. 0 turns it off.
+    # Shared-prefix KV reuse: rows admitted together whose prompts share at least this many
+    # leading tokens, at least prefix_min_rows of them, compute the prefix once (the latest such
+    # prefix is kept for later admissions). 0 turns it off.
     prefix_min_tokens: int = Field(default=32, ge=0)
     prefix_min_rows: int = Field(default=2, ge=2)
 
@@ -150,9 +155,12 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'lmqueue.db').resolve()}"
 
     def effective_concurrency(self) -> int:
-        # Double buffering: while one micro-batch runs, the next one fills from held messages,
-        # so the model never waits on the broker. Still bounded: no worker hoards the queue.
+        # Double buffering: while the slots run, as many jobs again wait in the worker, so a
+        # freed slot never waits on the broker. Still bounded: no worker hoards the queue.
         return self.worker_concurrency or 2 * self.max_batch_size
+
+    def hold_jobs(self, slots: int) -> int:
+        return self.worker_hold_jobs or 2 * slots
 
 
 @lru_cache(maxsize=1)

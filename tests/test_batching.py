@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from worker.batcher import WorkItem
+from worker.runner import BatchRunner, Prepared, plan_chunks
 
 from lmqueue.jobs import Outcome
-from worker.batcher import WorkItem
 from worker.buckets import padding_waste, plan_buckets
 from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy, RequestError
-from worker.runner import BatchRunner, Prepared, plan_chunks
 
 pytestmark = pytest.mark.timeout(120)
 

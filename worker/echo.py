@@ -1,4 +1,4 @@
-"""A TEST-ONLY engine that echoes the prompt back: no weights, no tokenizer, no torch compute.
+"""A TEST-ONLY backend that echoes the prompt back: no weights, no tokenizer, no torch compute.
 
 Registry path `echo:` (e.g. `LMQUEUE_MODELS="null=echo:"`). bench/bulk.py uses it to measure
 the queueing path alone (API -> Redis -> worker -> result store); never use it to serve.
@@ -6,46 +6,65 @@ the queueing path alone (API -> Redis -> worker -> result store); never use it t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-import torch
-
-from lmqueue.schemas import CHAT, ChatBody
-from worker.engine import Engine, GenRequest, GenResult, RequestError
+from lmqueue.schemas import CompletionBody
+from worker.gen_types import GenRequest, GenResult, RequestError
+from worker.requests import gen_request
+from worker.slot_engine import StepOutput
 
 ECHO_PREFIX = "echo:"
 
 
-class EchoEngine(Engine):
-    """Tokens are the prompt's UTF-8 bytes; the completion is the first max_tokens of them."""
-
-    def __init__(self, name: str, max_context: int = 1 << 20):  # no super(): there is no model
-        self.name = name
-        self.max_context = max_context
-        self.device = torch.device("cpu")
-        self.eos_ids = set()
-        self.pad_id = 0
-        self.bos_id = None
-
-    def prompt_ids(self, endpoint: str, body: dict[str, Any]) -> list[int]:
-        if endpoint == CHAT:
-            text = "\n".join(m["content"] for m in ChatBody.model_validate(body).message_dicts())
+class _ByteEncoder:
+    def encode(self, body: Any) -> list[int]:
+        if isinstance(body, CompletionBody):
+            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         else:
-            prompt = body.get("prompt")
-            text = prompt[0] if isinstance(prompt, list) else str(prompt)
+            text = "\n".join(m["content"] for m in body.message_dicts())
         return list(text.encode("utf-8")) or [0]
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult | RequestError]:
-        out: list[GenResult | RequestError] = []
-        for req in requests:
+
+class EchoBackend:
+    """Tokens are the prompt's UTF-8 bytes; the completion is the first max_tokens of them."""
+
+    def __init__(self, name: str, slots: int = 1024):
+        self.name, self.slots = name, slots
+        self._held: dict[str, GenRequest] = {}
+
+    def prepare(self, endpoint: str, body: dict[str, Any]) -> GenRequest:
+        return gen_request(_ByteEncoder(), endpoint, body)
+
+    def capacity(self) -> int:
+        return self.slots - len(self._held)
+
+    def admit(self, key: str, request: GenRequest) -> RequestError | None:
+        self._held[key] = request
+        return None
+
+    def cancel(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._held.pop(key, None)
+
+    def idle(self) -> bool:
+        return not self._held
+
+    def step(self) -> StepOutput:
+        out = StepOutput(live=len(self._held))
+        for key, req in self._held.items():
             ids = req.prompt_ids[: req.max_tokens]
-            out.append(
-                GenResult(
-                    text=bytes(ids).decode("utf-8", "replace"),
-                    token_ids=ids,
-                    finish_reason="length" if len(req.prompt_ids) > len(ids) else "stop",
-                    prompt_tokens=len(req.prompt_ids),
-                    completion_tokens=len(ids),
+            out.finished.append(
+                (
+                    key,
+                    GenResult(
+                        text=bytes(ids).decode("utf-8", "replace"),
+                        token_ids=ids,
+                        finish_reason="length" if len(req.prompt_ids) > len(ids) else "stop",
+                        prompt_tokens=len(req.prompt_ids),
+                        completion_tokens=len(ids),
+                    ),
                 )
             )
+        self._held.clear()
         return out

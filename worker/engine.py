@@ -120,7 +120,7 @@ class Engine(PromptEncoder):
         if not self.kv_buffers:
             raise RuntimeError(
                 f"model {self.name!r} has cache layers other than full attention (sliding window, "
-                "linear attention); the slot loop needs plain layers: use engine = \"hf-paged\""
+                'linear attention); the slot loop needs plain layers: use engine = "hf-paged"'
             )
         return SlotEngine(self, slots, prefill_budget)
 

@@ -25,6 +25,8 @@ class GenResult:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt positions whose KV was reused, not computed
+    admitted_step: int = 0  # the loop step that prefilled it (rows prefilled together share it)
+    batch_rows: int = 1  # the most rows it decoded alongside (itself included)
 
 
 class RequestError(Exception):

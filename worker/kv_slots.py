@@ -64,8 +64,9 @@ class SlotLayer(DynamicLayer):
         # key_states: [n, H, q, D], written at columns [end, end + q) of every live row
         g = self.geo
         if self.kbuf is None:
-            self.allocate(key_states.shape[1], key_states.shape[3], key_states.dtype,
-                          key_states.device)
+            self.allocate(
+                key_states.shape[1], key_states.shape[3], key_states.dtype, key_states.device
+            )
         assert self.kbuf is not None and self.vbuf is not None
         n, q = key_states.shape[0], key_states.shape[2]
         self.kbuf[:n, :, g.end : g.end + q] = key_states

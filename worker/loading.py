@@ -98,10 +98,6 @@ def _max_context(spec: ModelSpec, config: Any, tokenizer: Any) -> int:
 def load_engine(spec: ModelSpec) -> Engine | EmbedEngine:
     """Load `spec` into an engine: an `Engine` (causal LM) for task "generate", an
     `EmbedEngine` (encoder, mean pooling) for task "embed". Raises `ModelLoadError`."""
-    if spec.path.startswith("echo:"):  # test-only null model (benchmarks of the queue path)
-        from worker.echo import EchoEngine
-
-        return EchoEngine(spec.name)
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     started = time.perf_counter()

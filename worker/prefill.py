@@ -57,8 +57,10 @@ class Group:
     def cost(self) -> int:
         """Token positions this group's forward computes."""
         longest = max(len(r.req.prompt_ids) for r in self.rows)
-        return longest * len(self.rows) if not self.prefix else (
-            self.prefix + len(self.rows) * (longest - self.prefix)
+        return (
+            longest * len(self.rows)
+            if not self.prefix
+            else (self.prefix + len(self.rows) * (longest - self.prefix))
         )
 
 
@@ -90,8 +92,10 @@ def plan_groups(engine: Engine, rows: list[Row]) -> list[Group]:
     while i < len(order):
         j, common = i + 1, len(order[i].req.prompt_ids) - 1
         while j < len(order):
-            c = min(_common(order[i].req.prompt_ids, order[j].req.prompt_ids),
-                    len(order[j].req.prompt_ids) - 1)
+            c = min(
+                _common(order[i].req.prompt_ids, order[j].req.prompt_ids),
+                len(order[j].req.prompt_ids) - 1,
+            )
             if min(common, c) < policy.min_tokens:
                 break
             common, j = min(common, c), j + 1
@@ -159,8 +163,9 @@ def _prefill_shared(engine: Engine, rows: list[Row], P: int) -> list[Prefilled]:
         for i, (k, v) in enumerate(engine.prefixes.kv):
             cache.update(k[None], v[None], i)  # [1, H, P, D]
     else:
-        engine.forward(torch.tensor([prefix_ids], device=dev), ones,
-                       torch.arange(P, device=dev)[None], cache)  # logits unused
+        engine.forward(
+            torch.tensor([prefix_ids], device=dev), ones, torch.arange(P, device=dev)[None], cache
+        )  # logits unused
         engine.stats.prefill_tokens += P
         engine.prefixes.keep(prefix_ids, _row_kv(cache, 0, [(0, P)]))
     cache.batch_repeat_interleave(B)  # [1, H, P, D] -> [B, H, P, D]
@@ -192,8 +197,12 @@ def _row_kv(cache: DynamicCache, b: int, spans: list[tuple[int, int]]) -> KV:
             a, z = spans[0]
             out.append((k[b, :, a:z], v[b, :, a:z]))
         else:
-            out.append((torch.cat([k[b, :, a:z] for a, z in spans], dim=1),
-                        torch.cat([v[b, :, a:z] for a, z in spans], dim=1)))
+            out.append(
+                (
+                    torch.cat([k[b, :, a:z] for a, z in spans], dim=1),
+                    torch.cat([v[b, :, a:z] for a, z in spans], dim=1),
+                )
+            )
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmqueue.schemas import CHAT, COMPLETIONS
+from lmqueue.schemas import CHAT, COMPLETIONS, ChatBody, CompletionBody
 from worker.gen_types import RequestError
 
 
@@ -13,6 +13,12 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.name = name
         self.bos_id: int | None = tokenizer.bos_token_id
+
+    def encode(self, body: CompletionBody | ChatBody) -> list[int]:
+        """The prompt token ids of a validated body."""
+        if isinstance(body, CompletionBody):
+            return self._completion_ids(body.prompt)
+        return self._chat_dicts(body.message_dicts())
 
     def prompt_ids(self, endpoint: str, body: dict[str, Any]) -> list[int]:
         """/v1/completions: tokenize body['prompt'] (a str; add the BOS token if the tokenizer
@@ -37,7 +43,6 @@ class PromptEncoder:
         return ids
 
     def _chat_ids(self, messages: Any) -> list[int]:
-        from jinja2 import TemplateError
         from pydantic import ValidationError
 
         from lmqueue.schemas import ChatMessage
@@ -54,7 +59,17 @@ class PromptEncoder:
             parsed = [ChatMessage.model_validate(m) for m in messages]
         except ValidationError as exc:
             raise RequestError("invalid_messages", str(exc), "messages") from exc
-        dicts = [{"role": m.role, "content": str(m.content)} for m in parsed]
+        return self._chat_dicts([{"role": m.role, "content": str(m.content)} for m in parsed])
+
+    def _chat_dicts(self, dicts: list[dict[str, str]]) -> list[int]:
+        from jinja2 import TemplateError
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(
+                "chat_template_missing",
+                f"model {self.name!r} has no chat template; use /v1/completions instead",
+                "messages",
+            )
         try:
             out = self.tokenizer.apply_chat_template(
                 dicts, add_generation_prompt=True, tokenize=True, return_dict=False

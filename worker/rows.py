@@ -31,6 +31,8 @@ class Row:
     error: RequestError | None = None
     cached_tokens: int = 0  # prompt positions reused from a shared prefix
     admitted_seq: int = 0  # admission order: the newest rows are preempted first
+    admitted_step: int = 0  # the step that prefilled it
+    batch_rows: int = 1  # the most rows it decoded alongside
     # Incremental detokenisation, for rows with stop strings or streaming.
     text: str = ""
     prefix_offset: int = 0
@@ -134,6 +136,8 @@ def result(row: Row, decode: Decode) -> GenResult | RequestError:
         prompt_tokens=len(row.req.prompt_ids),
         completion_tokens=row.completion_tokens,
         cached_tokens=row.cached_tokens,
+        admitted_step=row.admitted_step,
+        batch_rows=row.batch_rows,
     )
 
 

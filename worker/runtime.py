@@ -1,4 +1,5 @@
-"""Per-process worker state: the loaded model, the micro-batcher, and the heartbeat thread.
+"""Per-process worker state: the loaded backend, the continuous loop, and the threads that keep
+the store informed (heartbeat with lease renewal, the cancellation watcher).
 
 Loaded once per worker process at start (before it consumes), so an unknown or unloadable
 model fails the worker at start with a clear message, not every job.
@@ -15,15 +16,19 @@ from dataclasses import dataclass, field
 from sqlalchemy.dialects import postgresql, sqlite
 
 from lmqueue.db import get_engine, session_scope
-from lmqueue.jobs import renew_leases
+from lmqueue.jobs import jobs_to_drop, renew_leases
 from lmqueue.metrics import MODEL_LOAD_TIME, start_worker_metrics
-from lmqueue.models import WorkerRecord, now
+from lmqueue.models import Job, WorkerRecord, now
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
-from worker.batcher import MicroBatcher
+from worker.backends.base import Backend
+from worker.backends.embed import EmbedBackend
+from worker.embedding import EmbedEngine
 from worker.engine import Engine, PrefixPolicy
+from worker.gen_types import RequestError
 from worker.loading import load_engine
-from worker.runner import BatchRunner
+from worker.loop import Waiting, WorkerLoop
+from worker.loop_metrics import StepMetrics, record_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -39,41 +44,83 @@ def served_model_name(settings: Settings) -> str:
     return names[0]
 
 
+def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
+    slots = spec.batch_size(settings)
+    if spec.path.startswith("echo:"):  # test-only null model (benchmarks of the queue path)
+        from worker.echo import EchoBackend
+
+        return EchoBackend(spec.name)
+    engine = load_engine(spec)
+    if isinstance(engine, EmbedEngine):
+        return EmbedBackend(engine, slots, spec.batch_tokens(settings))
+    assert isinstance(engine, Engine)
+    engine.prefix_policy = PrefixPolicy(
+        min_tokens=settings.prefix_min_tokens or 10**9, min_rows=settings.prefix_min_rows
+    )
+    engine.prefill_max_waste = settings.prefill_max_waste
+    if spec.engine == "hf-paged":
+        from worker.backends.hf_paged import HFPagedBackend
+
+        return HFPagedBackend(engine, slots)
+    return engine.slots(slots, spec.prefill_tokens(settings))
+
+
 @dataclass
 class WorkerRuntime:
     spec: ModelSpec
     hostname: str
-    batcher: MicroBatcher
-    in_flight: set[str] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    backend: Backend
+    loop: WorkerLoop
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def track(self, job_ids: list[str]) -> None:
-        with self._lock:
-            self.in_flight.update(job_ids)
+    def waiting_item(self, job: Job) -> Waiting:
+        """A job read from the store, its body prepared once (in the task thread)."""
+        try:
+            request: object = self.backend.prepare(job.endpoint, dict(job.body))
+        except RequestError as exc:
+            request = exc
+        except Exception as exc:  # never let one bad body fail its batch-mates
+            log.exception("preparing job %s failed", job.id)
+            request = RequestError("prepare_failed", f"the request could not be prepared: {exc}")
+        return Waiting(
+            job.id,
+            job.endpoint,
+            request,
+            priority=job.priority,
+            created_at=job.created_at,
+            deadline_at=job.deadline_at,
+        )
 
-    def untrack(self, job_ids: list[str]) -> None:
-        with self._lock:
-            self.in_flight.difference_update(job_ids)
-
-    def start_heartbeat(self, settings: Settings) -> None:
-        threading.Thread(
-            target=self._heartbeat_loop, args=(settings,), name="heartbeat", daemon=True
-        ).start()
+    def start_threads(self, settings: Settings) -> None:
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "watcher")):
+            threading.Thread(target=target, args=(settings,), name=name, daemon=True).start()
 
     def _heartbeat_loop(self, settings: Settings) -> None:
         while not self._stop.wait(settings.heartbeat_s):
             try:
-                with self._lock:
-                    ids = list(self.in_flight)
                 with session_scope() as session:
-                    renew_leases(session, ids, self.hostname, settings.lease_s)
+                    renew_leases(session, self.loop.running_ids(), self.hostname, settings.lease_s)
                     _upsert_worker(session, self, status="up")
             except Exception:  # a missed beat is retried next time; leases outlive several
                 log.exception("heartbeat failed")
 
+    def _watch_loop(self, settings: Settings) -> None:
+        """Tell the loop which of its jobs the store took back (cancel, batch end, timeout)."""
+        while not self._stop.wait(settings.cancel_poll_s):
+            running, waiting = self.loop.running_ids(), self.loop.waiting_ids()
+            if not (running or waiting):
+                continue
+            try:
+                with session_scope() as session:
+                    drop = jobs_to_drop(session, running, waiting, self.hostname)
+            except Exception:
+                log.exception("cancellation check failed")
+                continue
+            if drop:
+                self.loop.cancel(drop)
+
     def stop(self) -> None:
-        self.batcher.stop()
+        self.loop.stop()
         self._stop.set()
         with session_scope() as session:
             _upsert_worker(session, self, status="down")
@@ -107,28 +154,23 @@ def start_runtime(celery_hostname: str) -> WorkerRuntime:
     if settings.worker_metrics_port:
         start_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
     t0 = time.perf_counter()
-    engine = load_engine(spec)
+    backend = make_backend(spec, settings)
     MODEL_LOAD_TIME.labels(spec.name).set(time.perf_counter() - t0)
-    if isinstance(engine, Engine):
-        engine.prefix_policy = PrefixPolicy(
-            min_tokens=settings.prefix_min_tokens or 10**9, min_rows=settings.prefix_min_rows
-        )
-        engine.prefill_max_waste = settings.prefill_max_waste
     hostname = f"{celery_hostname}/{os.getpid()}"
-    runner = BatchRunner(
-        engine,
+    loop = WorkerLoop(
+        backend,
         spec.name,
         hostname,
-        spec.batch_size(settings),
-        spec.batch_tokens(settings),
-        settings.bucket_max_waste,
+        settings.lease_s,
+        hold=settings.hold_jobs(spec.batch_size(settings)),
+        on_outcomes=lambda outcomes, items: record_outcomes(spec.name, outcomes, items),
+        on_step=StepMetrics(spec.name, getattr(backend, "stats", None)),
     )
-    batcher = MicroBatcher(runner, spec.batch_size(settings), spec.wait_ms(settings))
-    _runtime = WorkerRuntime(spec=spec, hostname=hostname, batcher=batcher)
-    batcher.start()
+    _runtime = WorkerRuntime(spec=spec, hostname=hostname, backend=backend, loop=loop)
+    loop.start()
     with session_scope() as session:
         _upsert_worker(session, _runtime, status="up")
-    _runtime.start_heartbeat(settings)
+    _runtime.start_threads(settings)
     log.info("worker %s serves %s", hostname, spec.name)
     return _runtime
 

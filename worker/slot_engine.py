@@ -19,14 +19,15 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from worker.faults import free_cached_memory, is_out_of_memory
-from worker.gen_types import GenRequest, Outcome, RequestError, TokenEvent
+from worker.gen_types import GenRequest, RequestError, TokenEvent
 from worker.kv_slots import SlotCache
 from worker.prefill import ChunkedPrefill, Group, Prefilled, plan_groups, prefill_group
+from worker.requests import gen_request
 from worker.rows import Row, new_generator, push, result, stream_delta
 from worker.sampling import choose
 
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepOutput:
-    finished: list[tuple[str, Outcome]] = field(default_factory=list)
+    # (key, GenResult | RequestError), or an EmbedResult from the embeddings backend
+    finished: list[tuple[str, Any]] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # cancelled rows that left
     live: int = 0  # rows that decoded this step
@@ -56,8 +58,20 @@ class SlotEngine:
         self.chunked: ChunkedPrefill | None = None
         self._cancel: set[str] = set()
         self._seq = 0
+        self.steps = 0
 
     # ---- the caller's side ----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    @property
+    def stats(self) -> Any:
+        return self.engine.stats
+
+    def prepare(self, endpoint: str, body: dict[str, Any]) -> GenRequest:
+        return gen_request(self.engine, endpoint, body)
 
     def capacity(self) -> int:
         """Requests this engine can take now without exceeding its slots."""
@@ -89,6 +103,7 @@ class SlotEngine:
 
     def step(self) -> StepOutput:
         out = StepOutput()
+        self.steps += 1
         with torch.inference_mode():
             self._drop_cancelled(out)
             self._admit(out)
@@ -165,6 +180,7 @@ class SlotEngine:
         logits = torch.stack([p.logits for p in ready])  # [b, V]
         self._sample(rows, logits, out)
         for p in ready:
+            p.row.admitted_step = self.steps
             if p.row.finished:
                 continue
             self.cache.join(p.kv)
@@ -180,7 +196,9 @@ class SlotEngine:
             self._preempt(res.exc, out)
             return
         self.cache.advance(1)
-        out.live = len(self.live)
+        out.live = n = len(self.live)
+        for row in self.live:
+            row.batch_rows = max(row.batch_rows, n)
         self._sample(list(self.live), res, out)
         for i in reversed(range(len(self.live))):
             if self.live[i].finished:
@@ -192,7 +210,8 @@ class SlotEngine:
         for row, t, is_bad in zip(rows, tok.tolist(), bad.tolist(), strict=True):
             if is_bad:
                 row.error = RequestError(
-                    "numerical_error", f"model {eng.name!r} produced NaN/inf logits for this request"
+                    "numerical_error",
+                    f"model {eng.name!r} produced NaN/inf logits for this request",
                 )
             else:
                 push(row, t, eng.eos_ids, eng.decode_text)
@@ -241,12 +260,18 @@ class SlotEngine:
             self.waiting.appendleft(row)
         self.slots = max(1, len(self.live))
         self.cache.shrink(self.slots)
-        log.warning("out of memory at %d rows: %d preempted, slots now %d",
-                    len(self.live) + len(rows), len(rows), self.slots)
+        log.warning(
+            "out of memory at %d rows: %d preempted, slots now %d",
+            len(self.live) + len(rows),
+            len(rows),
+            self.slots,
+        )
 
     def _fail(self, row: Row, exc: str, out: StepOutput) -> None:
         log.error("request %s ran out of memory alone: %s", row.key, exc)
-        row.error = RequestError("out_of_memory", f"out of memory running this request alone: {exc}")
+        row.error = RequestError(
+            "out_of_memory", f"out of memory running this request alone: {exc}"
+        )
         out.finished.append((row.key, row.error))
 
 

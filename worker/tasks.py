@@ -1,4 +1,9 @@
-"""The one task: process the jobs named in a message (sent by name, TASK_PROCESS_JOBS)."""
+"""The one task: offer the jobs named in a message to this worker's loop (TASK_PROCESS_JOBS).
+
+The task thread reads the jobs (no claim), tokenizes them, and puts them on the loop's bounded
+waiting list; what does not fit is re-sent to the same queue for other workers. The message is
+acked (acks_late) once every job it kept is stored, failed or skipped.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from lmqueue.contract import TASK_PROCESS_JOBS, ProcessJobs
 from lmqueue.db import session_scope
-from lmqueue.jobs import claim_jobs
-from lmqueue.settings import get_settings
-from worker.batcher import WorkItem
+from lmqueue.jobs import offered_jobs
 from worker.celery_app import app
 from worker.runtime import get_runtime
 
@@ -32,19 +35,27 @@ log = logging.getLogger(__name__)
 def process_jobs(self: Any, job_ids: list[str]) -> dict[str, int]:
     payload = ProcessJobs(job_ids=job_ids)
     runtime = get_runtime()
-    settings = get_settings()
     with session_scope() as session:
-        jobs = claim_jobs(session, payload.job_ids, runtime.hostname, settings.lease_s)
-        items = [
-            WorkItem(j.id, j.endpoint, dict(j.body), j.deadline_at, j.created_at, j.started_at)
-            for j in jobs
-        ]
-    ids = [i.job_id for i in items]
-    runtime.track(ids)
-    try:
-        futures = [runtime.batcher.submit(item) for item in items]
-        for future in futures:
-            future.result()
-    finally:
-        runtime.untrack(ids)
-    return {"processed": len(items), "skipped": len(payload.job_ids) - len(items)}
+        items = [runtime.waiting_item(job) for job in offered_jobs(session, payload.job_ids)]
+    taken, overflow = runtime.loop.offer(items)
+    if overflow:
+        _resend(self, [w.job_id for w in overflow])
+    for item in taken:
+        item.done.result()
+    return {
+        "offered": len(taken),
+        "resent": len(overflow),
+        "skipped": len(payload.job_ids) - len(items),
+    }
+
+
+def _resend(task: Any, job_ids: list[str]) -> None:
+    """Give jobs this worker has no room for back to the queue they came from."""
+    info = task.request.delivery_info or {}
+    app.send_task(
+        TASK_PROCESS_JOBS,
+        kwargs=ProcessJobs(job_ids=job_ids).model_dump(),
+        queue=info.get("routing_key") or None,
+        priority=info.get("priority"),
+    )
+    log.info("re-sent %d jobs this worker has no room for", len(job_ids))

@@ -1,0 +1,316 @@
+"""The worker's continuous loop: one thread per worker process owns the backend and, every step,
+drops cancelled and expired rows, admits waiting jobs into free slots, and runs one step.
+
+Celery task threads only *offer* jobs: they land on a bounded waiting list, still `queued` in
+the store. A job is claimed (the conditional UPDATE with a lease, `lmqueue.jobs.claim_jobs`) only
+when it enters a slot, so a job cancelled or expired while it waits never runs, the store never
+shows more jobs `running` than there are slots, and `attempts` counts real starts.
+
+Results are stored as rows finish, by a writer thread that groups them (one transaction per few
+milliseconds), then each waiting task thread is released: its message is acked when all its
+jobs are stored, failed or skipped. A watcher thread polls the store for running jobs that were
+cancelled (by the API, or their batch was cancelled or expired) and hands them to the loop, which
+drops them within a step or two.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmqueue.db import session_scope
+from lmqueue.jobs import Outcome, claim_jobs, store_outcomes
+from worker.backends.base import Backend, StepOutput
+from worker.gen_types import RequestError, TokenEvent
+from worker.loop_parts import (
+    StepStats,
+    TokenHook,
+    engine_error,
+    finished_outcome,
+    timeout_error,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Waiting:
+    """A job offered by a task thread, not yet claimed."""
+
+    job_id: str
+    endpoint: str
+    request: Any  # the backend's prepared request, or the RequestError preparing it raised
+    priority: int = 5
+    created_at: float | None = None
+    deadline_at: float | None = None
+    done: Future[None] = field(default_factory=Future)
+    started_at: float | None = None
+    seq: int = 0
+
+
+class WorkerLoop:
+    def __init__(
+        self,
+        backend: Backend,
+        model: str,
+        worker: str,
+        lease_s: float,
+        hold: int,
+        on_token: TokenHook | None = None,
+        on_outcomes: Callable[[list[Outcome], list[Waiting]], None] | None = None,
+        on_step: Callable[[StepOutput, float], None] | None = None,
+    ):
+        self.backend, self.model, self.worker, self.lease_s = backend, model, worker, lease_s
+        self.hold = max(1, hold)  # jobs held in the waiting list at most
+        self.on_token = on_token or (lambda events: None)
+        self.on_outcomes = on_outcomes or (lambda outcomes, items: None)
+        self.on_step = on_step or (lambda out, seconds: None)
+        self.stats = StepStats()
+        self._cond = threading.Condition()
+        self._waiting: list[Waiting] = []
+        self._running: dict[str, Waiting] = {}
+        self._cancel: set[str] = set()
+        self._stopping = False
+        self._seq = 0
+        self._writes: queue.Queue[tuple[list[Outcome], list[Waiting]] | None] = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._run, name="slot-loop", daemon=True),
+            threading.Thread(target=self._write_loop, name="result-writer", daemon=True),
+        ]
+
+    # ---- task threads ---------------------------------------------------------------------
+
+    def offer(self, items: list[Waiting]) -> tuple[list[Waiting], list[Waiting]]:
+        """Put jobs on the waiting list: blocks until there is room for at least one, then
+        returns (taken, overflow). The caller re-sends the overflow to the queue, so one worker
+        never holds more than its share."""
+        with self._cond:
+            while len(self._waiting) >= self.hold and not self._stopping:
+                self._cond.wait(0.5)
+            if self._stopping:
+                raise RuntimeError("the worker is shutting down")
+            room = self.hold - len(self._waiting)
+            taken, overflow = items[:room], items[room:]
+            for item in taken:
+                self._seq += 1
+                item.seq = self._seq
+            self._waiting += taken
+            self._cond.notify_all()
+        return taken, overflow
+
+    def running_ids(self) -> list[str]:
+        with self._cond:
+            return list(self._running)
+
+    def waiting_ids(self) -> list[str]:
+        with self._cond:
+            return [w.job_id for w in self._waiting]
+
+    def cancel(self, job_ids: set[str]) -> None:
+        """Jobs the store says this worker must drop (cancelled, expired, taken elsewhere)."""
+        with self._cond:
+            self._cancel |= job_ids
+            self._cond.notify_all()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Finish what is running and waiting, then end the threads."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._waiting or self._running) and time.monotonic() < deadline:
+                self._cond.wait(0.2)
+            self._stopping = True
+            self._cond.notify_all()
+        self._threads[0].join(max(0.1, deadline - time.monotonic()))
+        self._writes.put(None)
+        self._threads[1].join(max(0.1, deadline - time.monotonic()))
+
+    # ---- the loop thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._cancel or self._stopping):
+                    self._cond.wait()
+                if self._stopping and not self._running:
+                    return
+                cancels, self._cancel = self._cancel, set()
+            try:
+                if not self._one_step(cancels):
+                    with self._cond:  # nothing to compute: wait for work, a cancel or a stop
+                        self._cond.wait(0.05)
+            except Exception as exc:  # a step that fails as a whole fails its rows only
+                log.exception("step failed")
+                self._fail_running(f"the inference step failed on this worker: {exc}")
+
+    def _one_step(self, cancels: set[str]) -> bool:
+        """Drop, expire, admit, step. False when there was nothing to compute."""
+        self._drop(cancels)
+        self._expire()
+        self._admit()
+        if self.backend.idle():
+            return False
+        t0 = time.perf_counter()
+        out = self.backend.step()
+        seconds = time.perf_counter() - t0
+        self.stats.record(out, seconds)
+        self.on_step(out, seconds)
+        if out.events:
+            self._publish(out.events)
+        if out.finished:
+            self._finish([(key, self._outcome(key, res)) for key, res in out.finished])
+        for key in out.dropped:
+            self._release(key)
+        return True
+
+    def _outcome(self, key: str, res: Any) -> Outcome:
+        w = self._running.get(key)
+        outcome = finished_outcome(key, w.endpoint if w else "", self.model, res)
+        if outcome.microbatch_id:  # step numbers are this worker's own
+            outcome.microbatch_id = f"{self.worker}:{outcome.microbatch_id}"
+        return outcome
+
+    def _drop(self, cancels: set[str]) -> None:
+        """Cancelled in the store: leave waiting or running (the store already says why)."""
+        if not cancels:
+            return
+        with self._cond:
+            gone = [w for w in self._waiting if w.job_id in cancels]
+            self._waiting = [w for w in self._waiting if w.job_id not in cancels]
+            self._cond.notify_all()
+        for w in gone:
+            _resolve(w)
+        self.backend.cancel(cancels & set(self._running))
+
+    def _expire(self) -> None:
+        """Running jobs past their deadline leave their slot with a timeout error."""
+        now = time.time()
+        late = [k for k, w in self._running.items() if w.deadline_at and now > w.deadline_at]
+        if late:
+            self.backend.cancel(late)
+            self._finish([(k, Outcome(k, error=timeout_error(running=True))) for k in late])
+
+    def _admit(self) -> None:
+        """Claim as many waiting jobs as the backend has room for, best priority first."""
+        room = self.backend.capacity()
+        if room <= 0:
+            return
+        with self._cond:
+            if not self._waiting:
+                return
+            self._waiting.sort(key=lambda w: (-w.priority, w.seq))
+            picked, self._waiting = self._waiting[:room], self._waiting[room:]
+            self._cond.notify_all()
+        with session_scope() as session:
+            claimed = {
+                j.id
+                for j in claim_jobs(session, [w.job_id for w in picked], self.worker, self.lease_s)
+            }
+        failed: list[tuple[str, Outcome]] = []
+        now = time.time()
+        for w in picked:
+            if w.job_id not in claimed:  # finished, cancelled or running elsewhere: skip it
+                _resolve(w)
+                continue
+            w.started_at = now
+            with self._cond:
+                self._running[w.job_id] = w
+            err = self._admit_one(w, now)
+            if err is not None:
+                failed.append((w.job_id, Outcome(w.job_id, error=err)))
+        if failed:
+            self._finish(failed)
+
+    def _admit_one(self, w: Waiting, now: float) -> dict[str, Any] | None:
+        if w.deadline_at is not None and now > w.deadline_at:
+            return timeout_error(running=False)
+        if isinstance(w.request, RequestError):
+            return self._outcome(w.job_id, w.request).error
+        err = self.backend.admit(w.job_id, w.request)
+        return None if err is None else self._outcome(w.job_id, err).error
+
+    def _finish(self, done: list[tuple[str, Outcome]]) -> None:
+        """Hand finished jobs to the writer (a job already finished, e.g. timed out then
+        reported by the backend, is written once)."""
+        outcomes, items = [], []
+        with self._cond:
+            for key, outcome in done:
+                w = self._running.pop(key, None)
+                if w is not None:
+                    outcomes.append(outcome)
+                    items.append(w)
+        if items:
+            self._writes.put((outcomes, items))
+
+    def _release(self, key: str) -> None:
+        with self._cond:
+            w = self._running.pop(key, None)
+            self._cond.notify_all()
+        if w is not None:
+            _resolve(w)
+
+    def _fail_running(self, message: str) -> None:
+        with self._cond:
+            keys = list(self._running)
+        self.backend.cancel(keys)
+        self._finish([(k, Outcome(k, error=engine_error(message))) for k in keys])
+
+    def _publish(self, events: list[TokenEvent]) -> None:
+        try:
+            self.on_token(events)
+        except Exception:  # streaming is best effort: the stored result is the truth
+            log.exception("token hook failed")
+
+    # ---- the writer thread ----------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._writes.get()
+            if first is None:
+                return
+            outcomes, items = list(first[0]), list(first[1])
+            while True:  # take whatever else finished meanwhile: one transaction for all
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._writes.put(None)
+                    break
+                outcomes += more[0]
+                items += more[1]
+            self._store(outcomes, items)
+
+    def _store(self, outcomes: list[Outcome], items: list[Waiting]) -> None:
+        for attempt in range(8):
+            try:
+                with session_scope() as session:
+                    store_outcomes(session, outcomes, self.worker)
+                break
+            except Exception:  # the store is down: retry, the leases outlive the wait
+                log.exception("storing %d results failed (attempt %d)", len(outcomes), attempt)
+                time.sleep(min(30.0, 0.5 * 2**attempt))
+        try:
+            self.on_outcomes(outcomes, items)
+        except Exception:
+            log.exception("outcome hook failed")
+        for w in items:
+            _resolve(w)
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _resolve(w: Waiting) -> None:
+    if not w.done.done():
+        w.done.set_result(None)
