@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from lmqueue.broker import enqueue_jobs, producer_app
@@ -217,17 +217,14 @@ def _transition(session: Session, batch: Batch, expect: str, **values: Any) -> b
 
 
 def stop_jobs(session: Session, batch_id: str, code: str) -> int:
-    """Cancel the batch's jobs that have not started (and running ones whose worker is gone:
-    lease expired) in one UPDATE; a worker can no longer store a result for them."""
+    """Cancel the batch's unfinished jobs, queued and running, in one UPDATE; a worker can no
+    longer store a result for them, and its cancellation watcher frees their slots."""
     t = now()
     result = session.execute(
         update(Job)
         .where(
             Job.batch_id == batch_id,
-            or_(
-                Job.status == JobStatus.QUEUED,
-                (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < t),
-            ),
+            Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
         )
         .values(
             status=JobStatus.CANCELLED,

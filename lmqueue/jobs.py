@@ -98,14 +98,23 @@ def list_jobs(
 
 
 def cancel_job(session: Session, job: Job) -> bool:
-    """Cancel a job that has not started. Returns False when it is already running or done."""
+    """Cancel a job that has not finished. A running job's worker sees the change within a
+    few steps (its cancellation watcher) and frees the slot; it can no longer store a result.
+    Returns False when the job is already finished."""
+    started = job.status == JobStatus.RUNNING
     result = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .where(Job.id == job.id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
         .values(
             status=JobStatus.CANCELLED,
             finished_at=now(),
-            error={"code": "cancelled", "message": "cancelled before it started"},
+            lease_expires_at=None,
+            error={
+                "code": "cancelled",
+                "message": "cancelled while it ran" if started else "cancelled before it started",
+                "param": None,
+                "type": "cancelled",
+            },
         )
     )
     session.refresh(job)

@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-Size = Literal["tiny", "bench"]
+Size = Literal["tiny", "tiny-long", "bench"]
 MARKER = "lmqueue_demo.json"
 # Bump when the recipe changes, so cached demo models (e.g. the tests' cache dir) are rebuilt.
 RECIPE_VERSION = 2
@@ -65,6 +65,8 @@ class _Recipe:
 RECIPES: dict[str, _Recipe] = {
     # ~0.3M params: loads in well under a second, used by the test suite.
     "tiny": _Recipe(2000, 64, 2, 4, 2, 128, 256),
+    # The same with a long context: jobs that run for seconds (cancel and deadline tests).
+    "tiny-long": _Recipe(2000, 64, 2, 4, 2, 128, 8192),
     # ~42M params: big enough that batching matters, small enough for a CPU benchmark.
     "bench": _Recipe(8000, 512, 8, 8, 8, 2048, 2048),
 }

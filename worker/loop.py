@@ -75,6 +75,7 @@ class WorkerLoop:
         self._cond = threading.Condition()
         self._waiting: list[Waiting] = []
         self._running: dict[str, Waiting] = {}
+        self._storing = 0  # finished jobs not yet written: still `running` in the store
         self._cancel: set[str] = set()
         self._stopping = False
         self._seq = 0
@@ -202,12 +203,12 @@ class WorkerLoop:
             self._finish([(k, Outcome(k, error=timeout_error(running=True))) for k in late])
 
     def _admit(self) -> None:
-        """Claim as many waiting jobs as the backend has room for, best priority first."""
-        room = self.backend.capacity()
-        if room <= 0:
-            return
+        """Claim as many waiting jobs as the backend has room for, best priority first. Jobs
+        finished but not yet written still count: the store never shows more running jobs
+        than the worker has slots."""
         with self._cond:
-            if not self._waiting:
+            room = self.backend.capacity() - self._storing
+            if room <= 0 or not self._waiting:
                 return
             self._waiting.sort(key=lambda w: (-w.priority, w.seq))
             picked, self._waiting = self._waiting[:room], self._waiting[room:]
@@ -250,6 +251,7 @@ class WorkerLoop:
                 if w is not None:
                     outcomes.append(outcome)
                     items.append(w)
+            self._storing += len(items)
         if items:
             self._writes.put((outcomes, items))
 
@@ -308,6 +310,7 @@ class WorkerLoop:
         for w in items:
             _resolve(w)
         with self._cond:
+            self._storing -= len(items)
             self._cond.notify_all()
 
 

@@ -137,7 +137,7 @@ def cancel_job(
     elif job.status != JobStatus.CANCELLED:
         raise APIError(
             409,
-            f"job {job_id} is {job.status}; only a queued job can be cancelled",
+            f"job {job_id} is {job.status}; only a queued or running job can be cancelled",
             code="not_cancellable",
         )
     return q.job_to_dict(job)
