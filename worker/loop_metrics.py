@@ -10,6 +10,7 @@ from lmqueue.jobs import Outcome
 from lmqueue.metrics import (
     BATCH_DURATION,
     BATCH_SIZE,
+    GENERATION_THROUGHPUT,
     GENERATION_TOKENS,
     PROMPT_TOKENS,
     record_outcome,
@@ -39,6 +40,8 @@ class StepMetrics:
     def __call__(self, out: StepOutput, seconds: float) -> None:
         if out.live:
             BATCH_SIZE.labels(self.model).observe(out.live)
+            if seconds > 0:  # one token per live row per decode step
+                GENERATION_THROUGHPUT.labels(self.model).set(out.live / seconds)
         BATCH_DURATION.labels(self.model).observe(seconds)
         PROMPT_TOKENS.labels(self.model).inc(out.prefilled)
         saved = getattr(self.stats, "prefix_tokens_saved", 0)
