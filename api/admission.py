@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from lmqueue.backlog import Admission
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
-from lmqueue.backlog import Admission
 from lmqueue.metrics import ADMISSION_REJECTIONS
-from lmqueue.models import Job
 from lmqueue.settings import get_settings
+from lmqueue.tables import Job
 
 _admission = Admission()
 

@@ -29,8 +29,8 @@ from lmqueue.batches import (
 from lmqueue.db import get_sessionmaker, session_scope
 from lmqueue.files import content_path
 from lmqueue.jsonl import LineError, validate_file
-from lmqueue.models import Batch, FileObject, Job, JobStatus, now
 from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Batch, FileObject, Job, JobStatus, now
 
 log = logging.getLogger(__name__)
 

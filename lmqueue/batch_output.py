@@ -22,7 +22,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from lmqueue.db import session_scope
-from lmqueue.models import Job, JobStatus
+from lmqueue.tables import Job, JobStatus
 
 OUTPUT_STATUSES = (JobStatus.SUCCEEDED,)
 ERROR_STATUSES = (JobStatus.FAILED, JobStatus.CANCELLED)

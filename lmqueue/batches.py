@@ -32,9 +32,9 @@ from sqlalchemy.orm import Session
 
 from lmqueue.broker import enqueue_jobs, producer_app
 from lmqueue.files import generated_file
-from lmqueue.models import Batch, Job, JobStatus, new_id, now
 from lmqueue.schemas import ENDPOINTS
 from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Batch, Job, JobStatus, new_id, now
 
 log = logging.getLogger(__name__)
 

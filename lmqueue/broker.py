@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 
 from lmqueue.contract import (
@@ -84,3 +85,16 @@ def enqueue_jobs(
         producer=producer,
     )
     return str(result.id)
+
+
+def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False

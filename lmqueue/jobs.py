@@ -14,7 +14,7 @@ from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus, new_id, now
+from lmqueue.tables import Job, JobStatus, new_id, now
 
 
 class IdempotencyConflict(Exception):

@@ -15,8 +15,8 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus
-from scheduler.kombu_redis import reserved_counts, waiting_messages
+from lmqueue.kombu_redis import reserved_counts, waiting_messages
+from lmqueue.tables import Job, JobStatus
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ from sqlalchemy.orm import Session
 
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
-from lmqueue.models import Job, JobStatus, WorkerRecord
-from lmqueue.scheduling import WORKER_DOWN, WORKER_LOST, dead_after_s
+from lmqueue.fleet import WORKER_DOWN, WORKER_LOST, dead_after_s
+from lmqueue.kombu_redis import forget_reserved, queued_job_ids, reserved_messages
 from lmqueue.settings import Settings
-from scheduler.kombu_redis import forget_reserved, queued_job_ids, reserved_messages
+from lmqueue.tables import Job, JobStatus, WorkerRecord
 
 # --- batches: lmqueue/batches.py comes from the batches branch; until it is merged, skip. ---
 _advance_batches: Callable[[Session], Any] | None

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus, new_id
+from cli.procs import wait_until
+from cli.stack import Stack, running
+from lmqueue.tables import Job, JobStatus, new_id
 from tests.ops_support import as_key, auth_stack, create_key
-from tests.services import wait_until
-from tests.stack import Stack, running
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.procs import Proc, free_port, python_argv, wait_until
+from cli.stack import Stack, running
 from lmqueue.exposure import api_problems, flower_problems, is_loopback
 from lmqueue.settings import Settings
 from tests.ops_support import as_key, auth_stack, create_key, lmqueue_cli
-from tests.services import Proc, free_port, python_argv, wait_until
-from tests.stack import Stack, running
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import redis
 
+from cli.procs import wait_until
+from cli.stack import Stack
 from lmqueue.broker import enqueue_jobs, producer_app, reset_producer
 from lmqueue.contract import queue_name
 from lmqueue.settings import Settings, get_settings, reset_settings
-from tests.services import wait_until
-from tests.stack import Stack
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from cli.stack import Stack, running
 from tests.ops_support import as_key, auth_stack, create_key
 from tests.services import fresh_postgres_database, postgres_admin_url
-from tests.stack import Stack, running
 
 MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "40")
 SEED = os.environ.get("FUZZ_SEED", "20261128")

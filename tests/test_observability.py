@@ -14,12 +14,12 @@ import httpx
 import pytest
 from kombu import Connection
 
+from cli.procs import Proc, free_port, python_argv, wait_until
+from cli.stack import Stack, running
 from lmqueue.broker import celery_config
 from lmqueue.db import make_engine
 from lmqueue.readiness import readiness
 from lmqueue.settings import Settings
-from tests.services import Proc, free_port, python_argv, wait_until
-from tests.stack import Stack, running
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,7 +46,7 @@ def flower(stack: Stack) -> Iterator[str]:
     """`lmqueue flower` as a process, basic auth from LMQUEUE_FLOWER_BASIC_AUTH."""
     port = free_port()
     env = {**stack.env, "LMQUEUE_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
-    argv = python_argv("-m", "lmqueue.cli", "flower", "--port", str(port))
+    argv = python_argv("-m", "cli", "flower", "--port", str(port))
     proc = Proc("flower", argv, env, stack.log_dir)
     url = f"http://127.0.0.1:{port}"
 

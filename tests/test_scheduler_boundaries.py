@@ -33,7 +33,7 @@ def test_scheduler_imports_neither_torch_nor_fastapi() -> None:
 
 def test_cli_registers_the_scheduler_command() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "lmqueue.cli", "scheduler", "--help"],
+        [sys.executable, "-m", "cli", "scheduler", "--help"],
         check=True,
         capture_output=True,
         text=True,

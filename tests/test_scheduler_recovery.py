@@ -12,22 +12,22 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
+from cli.stack import Stack
 from lmqueue.broker import producer_app
 from lmqueue.contract import queue_name, redis_queue_keys
 from lmqueue.db import session_scope
 from lmqueue.jobs import claim_jobs, create_job
-from lmqueue.models import Job, WorkerRecord, now
-from lmqueue.settings import Settings, get_settings
-from scheduler.kombu_redis import (
+from lmqueue.kombu_redis import (
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     job_ids_of,
     queued_job_ids,
     reserved_counts,
 )
+from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Job, WorkerRecord, now
 from scheduler.recovery import Reaper
 from tests.services import fresh_postgres_database
-from tests.stack import Stack
 
 pytestmark = pytest.mark.timeout(60)
 

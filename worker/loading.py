@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,23 @@ def _max_context(spec: ModelSpec, config: Any, tokenizer: Any) -> int:
     )
 
 
+EngineFactory = Callable[[ModelSpec], Engine | EmbedEngine]
+_engine_factory: EngineFactory | None = None
+
+
+def set_engine_factory(factory: EngineFactory | None) -> None:
+    """Serve every model with `factory(spec)` instead of loading weights. Only benchmarks and
+    tests call this, in a worker process they start through their own entry module; nothing in
+    settings or the registry can select it."""
+    global _engine_factory
+    _engine_factory = factory
+
+
 def load_engine(spec: ModelSpec) -> Engine | EmbedEngine:
     """Load `spec` into an engine: an `Engine` (causal LM) for task "generate", an
     `EmbedEngine` (encoder, mean pooling) for task "embed". Raises `ModelLoadError`."""
-    if spec.path.startswith("echo:"):  # test-only null model (benchmarks of the queue path)
-        from worker.echo import EchoEngine
-
-        return EchoEngine(spec.name)
+    if _engine_factory is not None:
+        return _engine_factory(spec)
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     started = time.perf_counter()

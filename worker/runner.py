@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from lmqueue.db import session_scope
 from lmqueue.jobs import Outcome, store_outcomes
 from lmqueue.metrics import record_microbatch, record_outcome, record_prefix_reuse
-from lmqueue.models import new_id
 from lmqueue.schemas import ChatBody, CompletionBody, parse_body
+from lmqueue.tables import new_id
 from worker.batcher import WorkItem
 from worker.buckets import plan_buckets
 from worker.embedding import EmbedEngine, EmbedRequest, EmbedResult

@@ -17,9 +17,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from lmqueue.db import get_engine, session_scope
 from lmqueue.jobs import renew_leases
 from lmqueue.metrics import MODEL_LOAD_TIME, start_worker_metrics
-from lmqueue.models import WorkerRecord, now
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import WorkerRecord, now
 from worker.batcher import MicroBatcher
 from worker.engine import Engine, PrefixPolicy
 from worker.loading import load_engine

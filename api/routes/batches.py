@@ -23,8 +23,8 @@ from lmqueue import batches as b
 from lmqueue import files as fs
 from lmqueue.batch_ingest import ingest_batch, retry_lines
 from lmqueue.batch_output import results_page
-from lmqueue.models import Batch
 from lmqueue.settings import get_settings
+from lmqueue.tables import Batch
 
 router = APIRouter(tags=["batches"], responses=errors(400, 401, 404, 409, 413))
 

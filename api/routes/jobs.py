@@ -21,8 +21,8 @@ from lmqueue import jobs as q
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
 from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
-from lmqueue.models import Job, JobStatus
 from lmqueue.settings import get_settings
+from lmqueue.tables import Job, JobStatus
 from lmqueue.validation import InvalidRequest, check_request
 
 router = APIRouter(tags=["jobs"], responses=errors(400, 401, 404, 413))

@@ -4,9 +4,9 @@ the port on the internal network)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from lmqueue.backlog import active_counts
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from lmqueue.backlog import active_counts
 from lmqueue.contract import queue_name, redis_queue_keys
 from lmqueue.db import session_scope
 from lmqueue.metrics import QueueCollector, register_once

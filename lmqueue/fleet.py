@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from lmqueue.models import ScalingEvent, WorkerRecord, now
 from lmqueue.settings import Settings
+from lmqueue.tables import ScalingEvent, WorkerRecord, now
 
 # Worker record states: `up` (heartbeating), `down` (clean shutdown), `lost` (the scheduler saw
 # the process die). `lost` lets recovery act at once instead of waiting for heartbeat silence.

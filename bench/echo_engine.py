@@ -1,7 +1,8 @@
-"""A TEST-ONLY engine that echoes the prompt back: no weights, no tokenizer, no torch compute.
+"""A benchmark-only engine that echoes the prompt back: no weights, no tokenizer, no compute.
 
-Registry path `echo:` (e.g. `LMQUEUE_MODELS="null=echo:"`). bench/bulk.py uses it to measure
-the queueing path alone (API -> Redis -> worker -> result store); never use it to serve.
+bench/bulk.py measures the queueing path alone (API -> Redis -> worker -> result store) with it.
+It is not part of the product: a worker only uses it when started through `bench.echo_worker`,
+which installs it with `worker.loading.set_engine_factory`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import torch
 
 from lmqueue.schemas import CHAT, ChatBody
 from worker.engine import Engine, GenRequest, GenResult, RequestError
-
-ECHO_PREFIX = "echo:"
 
 
 class EchoEngine(Engine):

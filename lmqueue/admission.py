@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus
 from lmqueue.settings import Settings
+from lmqueue.tables import Job, JobStatus
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 DRAIN_WINDOW_S = 60.0
