@@ -2,8 +2,9 @@
 
 Bulk path: a real API and one Celery worker serving the benchmark-only echo engine
 (bench/echo_engine.py: no weights, no torch compute), SQLite by default (BENCH_DB=postgres
-for PostgreSQL). An N-line file is uploaded, the batch created, and the clock runs from create until `completed` (every
-line validated, inserted, enqueued in 32-id messages, claimed, echoed, stored).
+for PostgreSQL). An N-line file is uploaded, the batch created, and the clock runs from create
+until `completed` (every line validated, inserted, enqueued in 32-id messages, claimed, echoed,
+stored).
 
 Baseline: the least a Redis queue can do per request, one message per request: a producer
 LPUSHes N JSON requests to a list, a consumer process BRPOPs each, echoes it and HSETs the
