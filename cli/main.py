@@ -54,7 +54,6 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_worker(args: argparse.Namespace) -> int:
     from lmqueue.registry import get_registry
 
@@ -67,7 +66,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = worker_argv(model, args.concurrency or s.effective_concurrency())
     # exec, not a child: SIGTERM (docker stop) must reach Celery for its warm shutdown.
     os.execve(argv[0], argv, env)
-
 
 
 def cmd_flower(args: argparse.Namespace) -> int:

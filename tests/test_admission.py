@@ -1,4 +1,4 @@
-"""Admission control and request limits against a real API (auth on): a full backlog per key or
+"""Admission control and request limits against a real API (auth on): too many open jobs per key or
 per model is a 429 with Retry-After from the measured drain rate; oversized bodies are 413s,
 with or without Content-Length; a timeout above the server's maximum is a 400."""
 
@@ -34,8 +34,8 @@ def stack(
         redis_url,
         tiny_model_dir,
         tmp_path_factory.mktemp("logs"),
-        LMQUEUE_MAX_BACKLOG_PER_KEY=str(PER_KEY),
-        LMQUEUE_MAX_BACKLOG_PER_MODEL=str(PER_MODEL),
+        LMQUEUE_MAX_OPEN_JOBS_PER_KEY=str(PER_KEY),
+        LMQUEUE_MAX_OPEN_JOBS_PER_MODEL=str(PER_MODEL),
         LMQUEUE_ADMISSION_CACHE_S="0.5",
         LMQUEUE_MAX_REQUEST_BYTES=str(MAX_BODY),
         LMQUEUE_MAX_JOB_TIMEOUT_S="100",
@@ -69,7 +69,7 @@ def _finished_jobs(stack: Stack, model: str, n: int, seconds_ago: float) -> None
         s.commit()
 
 
-def test_backlog_limits_per_key_and_per_model(stack: Stack) -> None:
+def test_open_job_limits_per_key_and_per_model(stack: Stack) -> None:
     a, b = create_key(stack, "a"), create_key(stack, "b")
     with as_key(stack, a) as alice, as_key(stack, b) as bob:
         ids = [alice.post("/v1/jobs", json=_job(f"a{i}")).json()["id"] for i in range(PER_KEY)]
@@ -92,10 +92,10 @@ def test_backlog_limits_per_key_and_per_model(stack: Stack) -> None:
         assert "model 'idle'" in model_full.json()["error"]["message"]
         assert model_full.json()["error"]["param"] == "model"
 
-        # Another model is not affected by idle's backlog.
+        # Another model is not affected by idle's open jobs.
         assert bob.post("/v1/jobs", json=_job("other", model="tiny")).status_code == 202
 
-        # Room again once jobs leave the backlog (after the short count cache expires).
+        # Room again once jobs finish (after the short count cache expires).
         assert alice.post(f"/v1/jobs/{ids[0]}/cancel").status_code == 200
         wait_until(
             lambda: alice.post("/v1/jobs", json=_job("again")).status_code == 202,

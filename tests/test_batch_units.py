@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from api.upload import MultipartReceiver, UploadError
-from lmqueue.batch_output import output_line
-from lmqueue.batches import BatchInputError, check_metadata, parse_window
+from lmqueue.batches import BatchInputError
+from lmqueue.batches.create import check_metadata, parse_window
+from lmqueue.batches.output import output_line
 from lmqueue.files import FileTooLarge, UploadSink
 from lmqueue.jsonl import LineError, ValidLine, validate_file
 from lmqueue.settings import reset_settings
@@ -148,7 +149,7 @@ def test_batch_core_is_light_for_the_scheduler() -> None:
     import sys
 
     check = (
-        "import sys, lmqueue.batches, lmqueue.batch_ingest; "
+        "import sys, lmqueue.batches.state, lmqueue.batches.ingest; "
         "heavy = [m for m in ('torch', 'transformers', 'worker', 'fastapi') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cli.stack import Stack
-from lmqueue.batches import advance_batches
+from lmqueue.batches.state import advance_batches
 from lmqueue.broker import reset_producer
 from lmqueue.settings import reset_settings
 from lmqueue.tables import Batch, FileObject, Job, new_id, now

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from lmqueue.jobs import Outcome
+from lmqueue.transitions import Outcome
 from worker.batcher import WorkItem
 from worker.buckets import padding_waste, plan_buckets
 from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy, RequestError

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from lmqueue.backlog import MAX_RETRY_S, NO_DRAIN_RETRY_S, retry_after_s
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lmqueue.metrics import GpuCollector, gpu_collector
+from lmqueue.admission import MAX_RETRY_S, NO_DRAIN_RETRY_S, retry_after_s
+from worker.metrics import GpuCollector, gpu_collector
 
 
 class FakeNvml:

@@ -16,7 +16,7 @@ from cli.stack import Stack
 from lmqueue.broker import producer_app
 from lmqueue.contract import queue_name, redis_queue_keys
 from lmqueue.db import session_scope
-from lmqueue.jobs import claim_jobs, create_job
+from lmqueue.jobs import create_job
 from lmqueue.kombu_redis import (
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
@@ -26,6 +26,7 @@ from lmqueue.kombu_redis import (
 )
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Job, WorkerRecord, now
+from lmqueue.transitions import claim_jobs
 from scheduler.recovery import Reaper
 from tests.services import fresh_postgres_database
 
@@ -125,7 +126,7 @@ def test_timeouts_fail_queued_and_running_jobs(env: Settings) -> None:
     assert all(jobs[i].error["code"] == "timeout" for i in late)  # type: ignore[index]
     assert jobs[on_time[0]].status == "queued"
     # The worker's late write finds its job no longer running: the timeout stays.
-    from lmqueue.jobs import Outcome, store_outcomes
+    from lmqueue.transitions import Outcome, store_outcomes
 
     with session_scope() as s:
         assert store_outcomes(s, [Outcome(late[1], result={"x": 1})], "w/1") == 0

@@ -14,15 +14,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from lmqueue.db import session_scope
-from lmqueue.jobs import Outcome, store_outcomes
-from lmqueue.metrics import record_microbatch, record_outcome, record_prefix_reuse
 from lmqueue.schemas import ChatBody, CompletionBody, parse_body
 from lmqueue.tables import new_id
+from lmqueue.transitions import Outcome, store_outcomes, time_out
 from worker.batcher import WorkItem
 from worker.buckets import plan_buckets
 from worker.embedding import EmbedEngine, EmbedRequest, EmbedResult
 from worker.engine import Engine, GenRequest, GenResult, RequestError
 from worker.faults import free_cached_memory, is_out_of_memory
+from worker.metrics import record_microbatch, record_outcome, record_prefix_reuse
 from worker.responses import completion_body, embedding_body, request_error, server_error
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,10 @@ class BatchRunner:
 
     def __call__(self, items: list[WorkItem]) -> None:
         by_id = {item.job_id: item for item in items}
-        rows, failed = self._prepare(items)
+        t = time.time()
+        expired = [i for i in items if i.deadline_at is not None and t > i.deadline_at]
+        self._time_out(expired, t)
+        rows, failed = self._prepare([i for i in items if i not in expired])
         if failed:
             self._store(failed, by_id)
         for chunk in self._chunks(rows):
@@ -105,22 +108,7 @@ class BatchRunner:
     def _prepare(self, items: list[WorkItem]) -> tuple[list[Prepared], list[Outcome]]:
         rows: list[Prepared] = []
         failed: list[Outcome] = []
-        now = time.time()
         for item in items:
-            if item.deadline_at is not None and now > item.deadline_at:
-                failed.append(
-                    Outcome(
-                        item.job_id,
-                        error={
-                            "code": "timeout",
-                            "message": "the job passed its deadline before it ran",
-                            "param": "timeout",
-                            "type": "timeout",
-                            "status_code": 408,
-                        },
-                    )
-                )
-                continue
             try:
                 rows.append(Prepared(item, to_request(self.engine, item)))
             except RequestError as exc:
@@ -201,6 +189,16 @@ class BatchRunner:
             embeds = [r for r in requests if isinstance(r, EmbedRequest)]
             return self.engine.embed(embeds, self.max_tokens)
         return self.engine.generate([r for r in requests if isinstance(r, GenRequest)])
+
+    def _time_out(self, items: list[WorkItem], t: float) -> None:
+        """Jobs past their deadline before they ran fail as the reaper would fail them."""
+        if not items:
+            return
+        with session_scope() as session:
+            failed = set(time_out(session, t, [i.job_id for i in items]))
+        for item in items:
+            if item.job_id in failed:
+                record_outcome(self.model, "failed", item.created_at, item.started_at, t)
 
     def _store(self, outcomes: list[Outcome], items: dict[str, WorkItem]) -> None:
         with session_scope() as session:

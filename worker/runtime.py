@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from sqlalchemy.dialects import postgresql, sqlite
 
 from lmqueue.db import get_engine, session_scope
-from lmqueue.jobs import renew_leases
-from lmqueue.metrics import MODEL_LOAD_TIME, start_worker_metrics
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import WorkerRecord, now
+from lmqueue.transitions import renew_leases
 from worker.batcher import MicroBatcher
 from worker.engine import Engine, PrefixPolicy
 from worker.loading import load_engine
+from worker.metrics import MODEL_LOAD_TIME, start_worker_metrics
 from worker.runner import BatchRunner
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from sqlalchemy.exc import OperationalError
 
 from lmqueue.contract import TASK_PROCESS_JOBS, ProcessJobs
 from lmqueue.db import session_scope
-from lmqueue.jobs import claim_jobs
 from lmqueue.settings import get_settings
+from lmqueue.transitions import claim_jobs
 from worker.batcher import WorkItem
 from worker.celery_app import app
 from worker.runtime import get_runtime
