@@ -19,7 +19,7 @@ from lmqueue.batches.state import advance_batches
 from lmqueue.broker import reset_producer
 from lmqueue.settings import reset_settings
 from lmqueue.tables import Batch, FileObject, Job, new_id, now
-from tests.batch_helpers import (
+from tests.batch_client import (
     batch_stack,
     content_lines,
     create,
@@ -297,7 +297,7 @@ def test_request_errors_are_4xx(bstack: Stack) -> None:
 
 
 def test_upload_limits(bstack: Stack) -> None:
-    from tests.batch_helpers import MAX_FILE_BYTES, MAX_LINES
+    from tests.batch_client import MAX_FILE_BYTES, MAX_LINES
 
     client = sdk(bstack)
     with pytest.raises(openai.BadRequestError) as too_many:

@@ -29,7 +29,7 @@ from lmqueue.settings import Settings
 from lmqueue.tables import Job, JobStatus, ScalingEvent, WorkerRecord
 from scheduler.backends.local import LocalBackend
 from scheduler.recovery import Reaper
-from tests.sched_support import all_done, settings_for, status_counts, submit_many
+from tests.scheduler_load import all_done, settings_for, status_counts, submit_many
 
 FAST = {
     "LMQUEUE_SCHEDULER_INTERVAL_S": "0.5",

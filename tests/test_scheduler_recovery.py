@@ -49,7 +49,7 @@ def env(fresh_db: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     """This process's settings point at a fresh store, the test Redis and a private prefix."""
     st = Stack(fresh_db, redis_url, {MODEL: tmp_path}, tmp_path)
     st.migrate()
-    from tests.sched_support import settings_for
+    from tests.scheduler_load import settings_for
 
     with settings_for(
         st,
