@@ -12,7 +12,7 @@ import pytest
 from cli.embedded import EmbeddedRedis
 from cli.stack import Stack
 from lmqueue.broker import redis_reachable
-from tests.services import fresh_postgres_database
+from tests.postgres import fresh_postgres_database
 
 MODEL_CACHE = Path(os.environ.get("LMQUEUE_TEST_CACHE", Path.home() / ".cache" / "lmqueue-tests"))
 

@@ -20,7 +20,7 @@ import pytest
 
 from cli.stack import Stack, running
 from tests.auth_stack import as_key, auth_stack, create_key
-from tests.services import fresh_postgres_database, postgres_admin_url
+from tests.postgres import fresh_postgres_database, postgres_admin_url
 
 MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "40")
 SEED = os.environ.get("FUZZ_SEED", "20261128")

@@ -28,7 +28,7 @@ from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Job, WorkerRecord, now
 from lmqueue.transitions import claim_jobs
 from scheduler.recovery import Reaper
-from tests.services import fresh_postgres_database
+from tests.postgres import fresh_postgres_database
 
 pytestmark = pytest.mark.timeout(60)
 
