@@ -6,6 +6,7 @@
     queued | lease-expired running -> cancelled    cancel_batch_jobs (its batch stops)
     queued | running -> failed       time_out (past deadline_at: the reaper, or the worker)
     running -> queued | failed       recover_abandoned (its worker is gone: re-send, or give up)
+    queued, stamped enqueued_at      mark_enqueued, mark_resent (who sends its message)
 
 Every state change is a conditional UPDATE, so two processes racing on one job can never both
 win: a redelivered message finds its job already claimed or finished and does nothing, and a
