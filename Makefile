@@ -22,7 +22,7 @@ fmt: install
 	$(VENV)/ruff format .
 
 bench: install
-	$(VENV)/python bench/e2e.py
+	$(VENV)/python -m bench.e2e
 
 clean:
 	rm -rf .lmqueue .pytest_cache .mypy_cache .ruff_cache

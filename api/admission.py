@@ -1,14 +1,13 @@
-"""The API side of admission control: a full backlog is a 429 with Retry-After."""
+"""The API side of admission control: too many open jobs is a 429 with Retry-After."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
-from lmqueue.backlog import Admission
+from lmqueue.admission import Admission
+from lmqueue.jobs import by_idempotency_key
 from lmqueue.metrics import ADMISSION_REJECTIONS
-from lmqueue.models import Job
 from lmqueue.settings import get_settings
 
 _admission = Admission()
@@ -17,13 +16,11 @@ _admission = Admission()
 def admit(
     session: Session, owner: str, model: str, n: int = 1, idempotency_key: str | None = None
 ) -> None:
-    """Raise a 429 when `n` more jobs would overflow the key's or the model's backlog.
+    """Raise a 429 when `n` more jobs would pass the key's or the model's limit of open jobs.
 
     A retry of an already accepted request (same Idempotency-Key) is always let through: it
     creates nothing."""
-    if idempotency_key and session.scalar(
-        select(Job.id).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
-    ):
+    if idempotency_key and by_idempotency_key(session, owner, idempotency_key) is not None:
         return
     rejection = _admission.check(session, get_settings(), owner, model, n)
     if rejection is None:

@@ -9,7 +9,7 @@ from fastapi import Depends
 from sqlalchemy.orm import Session
 
 from api.auth import get_principal
-from lmqueue.db import get_sessionmaker
+from lmqueue.db import session_scope
 from lmqueue.keys import Principal
 
 
@@ -17,15 +17,8 @@ def get_session() -> Iterator[Session]:
     """A transaction per request. Declare it as `Depends(get_session, scope="function")`: the
     default scope commits only after the response is sent, so a client that reads right after
     a write (cancel, then get) could see the old state."""
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def get_owner(principal: Annotated[Principal, Depends(get_principal)]) -> str:

@@ -1,4 +1,4 @@
-"""OpenAI-shaped error responses: {"error": {"message", "type", "param", "code"}}."""
+"""OpenAI-shaped error responses, {"error": {...}} from lmqueue.errors, for every failure."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmqueue.errors import INVALID_REQUEST, SERVER_ERROR, describe_validation, error_body
+
 
 class APIError(Exception):
     def __init__(
@@ -20,29 +22,12 @@ class APIError(Exception):
         *,
         code: str | None = None,
         param: str | None = None,
-        type_: str = "invalid_request_error",
+        type_: str = INVALID_REQUEST,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type, self.headers = type_, headers
-
-
-def error_body(
-    message: str, type_: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def describe_validation(errors: list[Any], prefix: str = "") -> tuple[str, str | None]:
-    """One readable message naming each bad field, and the first field as `param`."""
-    parts, first = [], None
-    for err in errors[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        field = ".".join(([prefix] if prefix else []) + loc) or prefix or "body"
-        first = first or field
-        parts.append(f"{field}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request", first
 
 
 async def _api_error(_req: Request, exc: Exception) -> JSONResponse:
@@ -55,12 +40,12 @@ async def _api_error(_req: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(_req: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError | ValidationError)
     message, param = describe_validation(list(exc.errors()))
-    return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+    return JSONResponse(error_body(message, INVALID_REQUEST, param, "invalid_value"), 400)
 
 
 async def _http_error(_req: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    type_ = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
         exc.status_code
     )
@@ -95,7 +80,7 @@ async def _method_not_allowed(req: Request, exc: Exception) -> JSONResponse:
     allow = ", ".join(sorted(methods))
     message = f"{req.method} is not allowed here; allowed: {allow}"
     return JSONResponse(
-        error_body(message, "invalid_request_error", None, "method_not_allowed"),
+        error_body(message, INVALID_REQUEST, None, "method_not_allowed"),
         405,
         headers={"Allow": allow},
     )

@@ -14,7 +14,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from lmqueue.errors import error_body
 from lmqueue.settings import get_settings
 
 

@@ -23,7 +23,7 @@ _DESCRIPTIONS = {
     404: "no such object (or it belongs to another key)",
     409: "conflict with the object's state or an Idempotency-Key",
     413: "request body or upload too large",
-    429: "backlog full; retry after `Retry-After` seconds",
+    429: "too many open jobs; retry after `Retry-After` seconds",
 }
 
 

@@ -1,9 +1,10 @@
 """Requests/s through the bulk batch path, against a raw Redis list loop in the same run.
 
-Bulk path: a real API and one Celery worker serving the test-only echo model (`echo:`: no
-weights, no torch compute), SQLite by default (BENCH_DB=postgres for PostgreSQL). An N-line
-file is uploaded, the batch created, and the clock runs from create until `completed` (every
-line validated, inserted, enqueued in 32-id messages, claimed, echoed, stored).
+Bulk path: a real API and one Celery worker serving the benchmark-only echo engine
+(bench/echo_engine.py: no weights, no torch compute), SQLite by default (BENCH_DB=postgres
+for PostgreSQL). An N-line file is uploaded, the batch created, and the clock runs from create
+until `completed` (every line validated, inserted, enqueued in 32-id messages, claimed, echoed,
+stored).
 
 Baseline: the least a Redis queue can do per request, one message per request: a producer
 LPUSHes N JSON requests to a list, a consumer process BRPOPs each, echoes it and HSETs the
@@ -11,7 +12,7 @@ result, and the clock stops when all N results are in.
 
 Prints both rates and their ratio; asserts nothing about speed.
 
-    python bench/bulk.py [N] [LMQUEUE_SETTING=VALUE ...]
+    python -m bench.bulk [N] [LMQUEUE_SETTING=VALUE ...]   (from the repository root)
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import bench_stack, now, upload, wait_batch, write_input  # noqa: E402
+from bench.common import bench_stack, now, upload, wait_batch, write_input
 
 
 def _consume(redis_url: str, key: str, n: int) -> None:
@@ -63,7 +62,7 @@ def raw_redis_loop(redis_url: str, n: int) -> float:
 
 def bulk_path(n: int, env: dict[str, str]) -> tuple[float, float]:
     """(requests/s from create to completed, upload seconds) through lmqueue's batch path."""
-    with bench_stack({"null": "echo:"}, env) as st:
+    with bench_stack({"null": "echo"}, env, worker_module="bench.echo_worker") as st:
         st.start_api()
         st.start_worker("null", concurrency=32)
         path = Path(tempfile.mkdtemp()) / "input.jsonl"

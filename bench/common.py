@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import sysconfig
 import tempfile
 import time
@@ -15,13 +14,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.services import fresh_postgres_database, wait_until  # noqa: E402
-from tests.stack import Stack  # noqa: E402
+from cli.procs import scratch_postgres_database, wait_until
+from cli.stack import Stack
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 CACHE = Path.home() / ".cache" / "lmqueue-bench"
 
 
@@ -59,9 +56,14 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 @contextmanager
-def bench_stack(models: dict[str, str], extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+def bench_stack(
+    models: dict[str, str],
+    extra_env: dict[str, str] | None = None,
+    worker_module: str = "celery",
+) -> Iterator[Stack]:
     """A migrated, not yet started stack; SQLite in a temp dir, or a fresh PostgreSQL database
-    with BENCH_DB=postgres. Stops everything (and drops the database) at the end."""
+    with BENCH_DB=postgres (on TEST_POSTGRES_URL's server). Stops everything (and drops the
+    database) at the end. `worker_module`: see cli.stack.Stack.worker_module."""
     tmp = Path(tempfile.mkdtemp(prefix="lmqbench-"))
     (tmp / "logs").mkdir()
     env = {
@@ -72,11 +74,12 @@ def bench_stack(models: dict[str, str], extra_env: dict[str, str] | None = None)
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     with ExitStack() as cleanup:
         if os.environ.get("BENCH_DB") == "postgres":
-            db = cleanup.enter_context(fresh_postgres_database())
+            admin = os.environ.get("TEST_POSTGRES_URL", DEFAULT_PG)
+            db = cleanup.enter_context(scratch_postgres_database(admin))
         else:
             db = f"sqlite:///{tmp / 'bench.db'}"
         paths = {k: Path(v) for k, v in models.items()}
-        st = Stack(db, redis_url, paths, tmp / "logs", extra_env=env)
+        st = Stack(db, redis_url, paths, tmp / "logs", extra_env=env, worker_module=worker_module)
         st.migrate()
         try:
             yield st

@@ -1,6 +1,6 @@
 """End-to-end throughput: the whole service vs the engine alone vs one request at a time.
 
-    python bench/e2e.py [--requests 256] [--new-tokens 32] [--serial 16]
+    python -m bench.e2e [--requests 256] [--new-tokens 32] [--serial 16]
 
 (a) 256 mixed-length prompts (10-200 tokens) through the whole service: HTTP submit, Redis,
     Celery worker, micro-batcher, engine, result store, poll;
@@ -17,15 +17,16 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import bench_model_dir, mixed_prompts, timed
 from worker.batcher import WorkItem
 from worker.runner import Prepared, plan_chunks, to_gen_request
 
-from lmqueue.embedded import EmbeddedRedis, redis_reachable
-from lmqueue.models import Job
+from bench.common import bench_model_dir, mixed_prompts, timed
+from cli.embedded import EmbeddedRedis
+from cli.stack import Stack
+from lmqueue.broker import redis_reachable
 from lmqueue.registry import ModelSpec
 from lmqueue.settings import Settings
-from tests.stack import Stack
+from lmqueue.tables import Job
 from worker.engine import Engine, GenResult
 from worker.loading import load_engine
 

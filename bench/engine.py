@@ -1,6 +1,6 @@
 """The inference engine against the Hugging Face pipeline, shared-prefix reuse, quantization.
 
-    python bench/engine.py [--prompts 256] [--new-tokens 16] [--threads 1] [--parts all]
+    python -m bench.engine [--prompts 256] [--new-tokens 16] [--threads 1] [--parts all]
 
 All on the bench demo model (`python -m worker.demo_model DIR --size bench`, ~42M params, built
 and cached on first use), CPU, greedy decoding. Prints figures (and a Markdown table for
@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import random
-import sys
 import sysconfig
 import time
 import warnings
@@ -32,18 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from worker.batcher import WorkItem
+from worker.runner import Prepared, plan_chunks
 
-import torch  # noqa: E402
-from worker.batcher import WorkItem  # noqa: E402
-from worker.runner import Prepared, plan_chunks  # noqa: E402
-
-from lmqueue.registry import ModelSpec  # noqa: E402
-from lmqueue.settings import Settings  # noqa: E402
-from worker.buckets import padding_waste, plan_buckets  # noqa: E402
-from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy  # noqa: E402
-from worker.loading import load_engine  # noqa: E402
+from lmqueue.registry import ModelSpec
+from lmqueue.settings import Settings
+from worker.buckets import padding_waste, plan_buckets
+from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy
+from worker.loading import load_engine
 
 CACHE = Path(os.environ.get("LMQUEUE_TEST_CACHE", Path.home() / ".cache" / "lmqueue-tests"))
 NO_REUSE = PrefixPolicy(min_tokens=10**9)

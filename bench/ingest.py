@@ -5,7 +5,7 @@ a model that has no worker, uploads an N-line JSONL file (default 50,000), creat
 and waits until it is `in_progress` (validated, inserted, enqueued). Prints the times and the
 API process's RSS before and its peak (VmHWM) after. Asserts nothing about speed.
 
-    python bench/ingest.py [N]
+    python -m bench.ingest [N]
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     bench_stack,
     now,
     proc_status,

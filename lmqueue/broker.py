@@ -5,9 +5,11 @@ The producer app has no tasks registered: it only sends messages by task name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import redis
 from celery import Celery
 
 from lmqueue.contract import (
@@ -19,6 +21,8 @@ from lmqueue.contract import (
     queue_name,
 )
 from lmqueue.settings import Settings, get_settings
+
+PUBLISH_PIPELINE = 500  # Redis commands buffered per pipelined round trip
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -84,3 +88,36 @@ def enqueue_jobs(
         producer=producer,
     )
     return str(result.id)
+
+
+def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def enqueue_in_messages(by_model: Mapping[str, Sequence[str]], per: int, priority: int) -> int:
+    """Send the jobs of each model in messages of `per` ids, in order, through one producer
+    whose publishes are pipelined to Redis (kombu's Producer.batch): one round trip per message
+    would cost more than validating and inserting a batch's lines. Returns the number of
+    messages."""
+    app = producer_app()
+    sent = 0
+    with app.producer_or_acquire() as producer, _pipelined(producer):
+        for model, ids in by_model.items():
+            for i in range(0, len(ids), per):
+                enqueue_jobs(model, ids[i : i + per], priority, app, producer)
+                sent += 1
+    return sent
+
+
+def _pipelined(producer: Any) -> AbstractContextManager[Any]:
+    batch = getattr(producer, "batch", None)  # kombu >= 5.7; older ones publish one by one
+    return batch(PUBLISH_PIPELINE) if batch is not None else nullcontext()

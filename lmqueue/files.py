@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lmqueue import batch_output
-from lmqueue.models import Batch, FileObject, new_id, now
+from lmqueue.batches import output as batch_output
 from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Batch, FileObject, new_id, now
 
 UPLOAD_PURPOSES = ("batch",)
 OUTPUT_PURPOSE = "batch_output"

@@ -1,20 +1,17 @@
-"""Queries on jobs: create, read, list, cancel, and the worker's claim/lease/store protocol.
-
-Every state change is a conditional UPDATE, so two processes racing on one job can never both
-win: a redelivered message finds its job already claimed or finished and does nothing.
-"""
+"""Jobs: create (with idempotency keys), read, list, present. Every later change of a job's
+state is in lmqueue.transitions."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus, new_id, now
+from lmqueue.tables import Job, JobStatus, new_id, now
+from lmqueue.transitions import lease_expired
 
 
 class IdempotencyConflict(Exception):
@@ -37,7 +34,7 @@ def create_job(
     Returns (job, created).
     """
     if idempotency_key:
-        existing = _by_idempotency_key(session, owner, idempotency_key)
+        existing = by_idempotency_key(session, owner, idempotency_key)
         if existing is not None:
             return _same_request_or_conflict(existing, model, endpoint, body), False
     created_at = now()
@@ -58,14 +55,14 @@ def create_job(
             session.add(job)
     except IntegrityError:
         # A concurrent request with the same key won the insert: answer with its job.
-        existing = _by_idempotency_key(session, owner, idempotency_key or "")
+        existing = by_idempotency_key(session, owner, idempotency_key or "")
         if existing is None:
             raise
         return _same_request_or_conflict(existing, model, endpoint, body), False
     return job, True
 
 
-def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+def by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
     stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
     return session.scalars(stmt).first()
 
@@ -74,10 +71,6 @@ def _same_request_or_conflict(job: Job, model: str, endpoint: str, body: dict[st
     if (job.model, job.endpoint, job.body) != (model, endpoint, body):
         raise IdempotencyConflict("Idempotency-Key was already used for a different request")
     return job
-
-
-def mark_enqueued(session: Session, job_ids: Sequence[str]) -> None:
-    session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now()))
 
 
 def get_job(session: Session, owner: str, job_id: str) -> Job | None:
@@ -97,60 +90,18 @@ def list_jobs(
     return rows[:limit], len(rows) > limit
 
 
-def cancel_job(session: Session, job: Job) -> bool:
-    """Cancel a job that has not finished. A running job's worker sees the change within a
-    few steps (its cancellation watcher) and frees the slot; it can no longer store a result.
-    Returns False when the job is already finished."""
-    started = job.status == JobStatus.RUNNING
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
-        .values(
-            status=JobStatus.CANCELLED,
-            finished_at=now(),
-            lease_expires_at=None,
-            error={
-                "code": "cancelled",
-                "message": "cancelled while it ran" if started else "cancelled before it started",
-                "param": None,
-                "type": "cancelled",
-            },
-        )
+def open_job_counts(session: Session) -> dict[tuple[str, str], int]:
+    """{(model, status): n} for queued and running jobs: the store's side of queue depth (the
+    API's metrics, the scheduler's backlog)."""
+    stmt = (
+        select(Job.model, Job.status, func.count())
+        .where(Job.status.in_(JobStatus.OPEN))
+        .group_by(Job.model, Job.status)
     )
-    session.refresh(job)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return {(m, s): int(n) for m, s, n in session.execute(stmt)}
 
 
-# --- the worker's side ------------------------------------------------------------------------
-
-
-def claim_jobs(session: Session, job_ids: Sequence[str], worker: str, lease_s: float) -> list[Job]:
-    """Take the jobs this worker may run now: queued ones, or running ones whose lease expired.
-
-    Jobs that are finished, cancelled, or held by a live lease elsewhere are skipped, so a
-    redelivered message never runs a job twice at once and never recomputes a stored result.
-    """
-    t = now()
-    claimable = or_(
-        Job.status == JobStatus.QUEUED,
-        (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < t),
-    )
-    claimed = session.scalars(
-        update(Job)
-        .where(Job.id.in_(job_ids), claimable)
-        .values(
-            status=JobStatus.RUNNING,
-            worker=worker,
-            started_at=t,
-            lease_expires_at=t + lease_s,
-            attempts=Job.attempts + 1,
-        )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    ).all()
-    if not claimed:
-        return []
-    return list(session.scalars(select(Job).where(Job.id.in_(claimed))))
+# --- what a worker reads (it changes nothing: lmqueue.transitions does) ----------------------
 
 
 def offered_jobs(session: Session, job_ids: Sequence[str]) -> list[Job]:
@@ -159,10 +110,7 @@ def offered_jobs(session: Session, job_ids: Sequence[str]) -> list[Job]:
     t = now()
     stmt = select(Job).where(
         Job.id.in_(job_ids),
-        or_(
-            Job.status == JobStatus.QUEUED,
-            (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < t),
-        ),
+        or_(Job.status == JobStatus.QUEUED, lease_expired(t)),
     )
     return list(session.scalars(stmt))
 
@@ -181,97 +129,9 @@ def jobs_to_drop(
         )
         drop |= set(running) - set(held)
     if waiting:
-        done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-        drop |= set(session.scalars(select(Job.id).where(Job.id.in_(waiting),
-                                                         Job.status.in_(done))))
+        done = select(Job.id).where(Job.id.in_(waiting), Job.status.not_in(JobStatus.OPEN))
+        drop |= set(session.scalars(done))
     return drop
-
-
-def renew_leases(session: Session, job_ids: Iterable[str], worker: str, lease_s: float) -> None:
-    ids = list(job_ids)
-    if not ids:
-        return
-    session.execute(
-        update(Job)
-        .where(Job.id.in_(ids), Job.worker == worker, Job.status == JobStatus.RUNNING)
-        .values(lease_expires_at=now() + lease_s)
-        .execution_options(synchronize_session=False)
-    )
-
-
-@dataclass
-class Outcome:
-    """What a worker learned about one job: a result body or an error object."""
-
-    job_id: str
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    microbatch_id: str | None = None
-    microbatch_size: int | None = None
-
-    @property
-    def status(self) -> str:
-        return JobStatus.FAILED if self.error is not None else JobStatus.SUCCEEDED
-
-
-def store_outcomes(session: Session, outcomes: Sequence[Outcome], worker: str) -> int:
-    """Write results in one transaction. Only this worker's running jobs are updated, so a job
-    that someone else finished (or cancelled, or timed out) keeps its one stored outcome.
-
-    One UPDATE statement run for every outcome (executemany): a statement per row cost ~0.5 ms
-    each in SQLAlchemy and capped a worker at ~2k results/s."""
-    if not outcomes:
-        return 0
-    jobs: Table = Job.__table__  # type: ignore[assignment]  # Core: executemany
-    stmt = (
-        update(jobs)
-        .where(
-            jobs.c.id == bindparam("o_id"),
-            jobs.c.status == JobStatus.RUNNING,
-            jobs.c.worker == bindparam("o_worker"),
-        )
-        .values(
-            status=bindparam("o_status"),
-            result=bindparam("o_result", type_=jobs.c.result.type),
-            error=bindparam("o_error", type_=jobs.c.error.type),
-            finished_at=bindparam("o_at"),
-            prompt_tokens=bindparam("o_prompt"),
-            completion_tokens=bindparam("o_completion"),
-            microbatch_id=bindparam("o_mb"),
-            microbatch_size=bindparam("o_mb_size"),
-            lease_expires_at=None,
-        )
-    )
-    t = now()
-    params = [
-        {
-            "o_id": o.job_id,
-            "o_worker": worker,
-            "o_status": o.status,
-            "o_result": o.result,
-            "o_error": o.error,
-            "o_at": t,
-            "o_prompt": o.prompt_tokens,
-            "o_completion": o.completion_tokens,
-            "o_mb": o.microbatch_id,
-            "o_mb_size": o.microbatch_size,
-        }
-        for o in outcomes
-    ]
-    result = session.execute(stmt, params)
-    return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-def release_jobs(session: Session, job_ids: Sequence[str], worker: str) -> None:
-    """Give claimed jobs back to the queue state (worker shutting down before running them)."""
-    session.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), Job.worker == worker, Job.status == JobStatus.RUNNING)
-        .values(status=JobStatus.QUEUED, worker=None, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    )
 
 
 # --- presentation -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmqueue.errors import batch_error
 from lmqueue.validation import InvalidRequest, check_request
 
 MAX_CUSTOM_ID = 512  # the jobs.custom_id column
@@ -29,7 +30,7 @@ class LineError:
     param: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+        return batch_error(self.code, self.message, self.param, self.line)
 
 
 @dataclass(frozen=True)

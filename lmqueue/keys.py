@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from lmqueue.models import ApiKey, new_id, now
+from lmqueue.tables import ApiKey, new_id, now
 
 KEY_PREFIX = "lmq_"
 SCOPE_USER = "user"

@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from lmqueue.embedded import redis_reachable
+from lmqueue.broker import redis_reachable
 from lmqueue.migrate import alembic_config
 
 

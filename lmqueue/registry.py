@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmqueue.schemas import CHAT, COMPLETIONS, EMBEDDINGS
 from lmqueue.settings import Settings, get_settings
 
 Task = Literal["generate", "embed"]
@@ -44,8 +45,8 @@ class ModelSpec(BaseModel):
 
     def endpoints(self) -> tuple[str, ...]:
         if self.task == "embed":
-            return ("/v1/embeddings",)
-        return ("/v1/completions", "/v1/chat/completions")
+            return (EMBEDDINGS,)
+        return (COMPLETIONS, CHAT)
 
     def batch_size(self, settings: Settings) -> int:
         return self.max_batch_size or settings.max_batch_size

@@ -93,10 +93,6 @@ class CompletionBody(SamplingFields):
             raise ValueError("echo is not supported")
         return v
 
-    def prompt_text(self) -> str:
-        assert isinstance(self.prompt, str)
-        return self.prompt
-
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")

@@ -83,11 +83,23 @@ class Settings(BaseSettings):
         default=0, ge=0, le=65535, description="a worker's Prometheus port; 0 = off"
     )
     worker_metrics_host: str = "127.0.0.1"
-    max_backlog_per_key: int = Field(
-        default=10_000, ge=0, description="queued+running jobs one API key may have; 0 = no limit"
+    # Admission limits on open (queued + running) jobs. The old names (MAX_BACKLOG_*) still
+    # work: "backlog" now only means the scheduler's measure of waiting work.
+    max_open_jobs_per_key: int = Field(
+        default=10_000,
+        ge=0,
+        validation_alias=AliasChoices(
+            "LMQUEUE_MAX_OPEN_JOBS_PER_KEY", "LMQUEUE_MAX_BACKLOG_PER_KEY"
+        ),
+        description="open (queued+running) jobs one API key may have; 0 = no limit",
     )
-    max_backlog_per_model: int = Field(
-        default=100_000, ge=0, description="queued+running jobs per model; 0 = no limit"
+    max_open_jobs_per_model: int = Field(
+        default=100_000,
+        ge=0,
+        validation_alias=AliasChoices(
+            "LMQUEUE_MAX_OPEN_JOBS_PER_MODEL", "LMQUEUE_MAX_BACKLOG_PER_MODEL"
+        ),
+        description="open (queued+running) jobs per model; 0 = no limit",
     )
     admission_cache_s: float = Field(default=1.0, ge=0, le=60)
     max_job_timeout_s: float = Field(

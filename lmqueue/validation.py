@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lmqueue.errors import describe_validation
 from lmqueue.registry import RegistryError, get_model
 from lmqueue.schemas import ENDPOINTS, parse_body
 
@@ -17,15 +18,6 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
-
-
-def _pydantic_message(exc: ValidationError, prefix: str) -> tuple[str, str]:
-    parts, first = [], ""
-    for err in exc.errors()[:5]:
-        field = ".".join([prefix, *(str(p) for p in err["loc"])]) if err["loc"] else prefix
-        first = first or field
-        parts.append(f"{field}: {err['msg']}")
-    return "; ".join(parts), first
 
 
 def reject_non_finite(value: Any, prefix: str = "body") -> None:
@@ -43,15 +35,21 @@ def reject_non_finite(value: Any, prefix: str = "body") -> None:
             stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
 
 
+def check_endpoint(endpoint: str) -> str:
+    """One of the endpoints lmqueue serves (whatever the model); returns it."""
+    if endpoint not in ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}", "endpoint"
+        )
+    return endpoint
+
+
 def check_request(endpoint: str, body: Any, model: str | None = None) -> tuple[str, dict[str, Any]]:
     """Validate an endpoint + OpenAI body; returns (model name, body as sent).
 
     The body's own `model` is used when `model` is not given; when both are, they must agree.
     """
-    if endpoint not in ENDPOINTS:
-        raise InvalidRequest(
-            f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}", "endpoint"
-        )
+    check_endpoint(endpoint)
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object", "body")
     reject_non_finite(body)
@@ -78,6 +76,6 @@ def check_request(endpoint: str, body: Any, model: str | None = None) -> tuple[s
     try:
         parse_body(endpoint, full)
     except ValidationError as exc:
-        message, param = _pydantic_message(exc, "body")
+        message, param = describe_validation(exc.errors(), "body")
         raise InvalidRequest(message, param) from exc
     return name, full

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 
 from lmqueue.db import make_engine
-from lmqueue.models import Base
 from lmqueue.settings import get_settings
+from lmqueue.tables import Base
 
 target_metadata = Base.metadata
 

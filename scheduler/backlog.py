@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus
-from scheduler.kombu_redis import reserved_counts, waiting_messages
+from lmqueue.jobs import open_job_counts
+from lmqueue.kombu_redis import reserved_counts, waiting_messages
+from lmqueue.tables import JobStatus
 
 
 @dataclass(frozen=True)
@@ -33,17 +33,11 @@ class Backlog:
         return f"waiting {self.waiting}, reserved {self.reserved}, running {self.running}"
 
 
-def running_jobs_by_model(session: Session) -> dict[str, int]:
-    rows = session.execute(
-        select(Job.model, func.count()).where(Job.status == JobStatus.RUNNING).group_by(Job.model)
-    ).all()
-    return {str(m): int(n) for m, n in rows}
-
-
 def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) -> dict[str, Backlog]:
     """Backlog per model; `queues` maps model -> queue name."""
     reserved = reserved_counts(client, queues.values())
-    running = running_jobs_by_model(session)
+    counts = open_job_counts(session)
+    running = {m: n for (m, status), n in counts.items() if status == JobStatus.RUNNING}
     return {
         model: Backlog(waiting_messages(client, q), reserved.get(q, 0), running.get(model, 0))
         for model, q in queues.items()

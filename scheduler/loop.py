@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import redis
 
 from lmqueue.db import session_scope
-from lmqueue.scheduling import WORKER_LOST, mark_workers, record_scaling_event
+from lmqueue.fleet import WORKER_LOST, mark_workers, record_scaling_event
 from lmqueue.settings import Settings
 from scheduler import metrics
 from scheduler.backends.base import Backend

@@ -1,6 +1,8 @@
 """The reaper: the store is the truth, Redis is a hint. Every pass makes sure each unfinished job
 is either held by a live worker or has a message waiting for one.
 
+The rules run through lmqueue.transitions (the one place that changes a job's state):
+
 - A job past its `deadline_at` fails with `timeout`, queued or running (the worker's
   store_outcomes only writes its own running jobs, so this outcome wins).
 - A running job whose worker is dead (the scheduler saw it exit, it shut down, or its heartbeat
@@ -19,116 +21,26 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from lmqueue.batches.state import advance_batches
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
-from lmqueue.models import Job, JobStatus, WorkerRecord
-from lmqueue.scheduling import WORKER_DOWN, WORKER_LOST, dead_after_s
+from lmqueue.kombu_redis import forget_reserved, queued_job_ids, reserved_messages
 from lmqueue.settings import Settings
-from scheduler.kombu_redis import forget_reserved, queued_job_ids, reserved_messages
-
-# --- batches: lmqueue/batches.py comes from the batches branch; until it is merged, skip. ---
-_advance_batches: Callable[[Session], Any] | None
-try:
-    from lmqueue.batches import advance_batches as _advance_batches  # type: ignore[no-redef]
-except ImportError:
-    _advance_batches = None
+from lmqueue.tables import Job, JobStatus
+from lmqueue.transitions import in_chunks, mark_resent, recover_abandoned, time_out
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, Sequence[str], int], Any]  # (model, job_ids, api priority)
-CHUNK = 500  # ids per IN (...) clause
 
-
-def timeout_error() -> dict[str, Any]:
-    return {
-        "code": "timeout",
-        "message": "the job did not finish before its timeout",
-        "param": "timeout",
-        "type": "timeout",
-        "status_code": 408,
-    }
-
-
-def crashed_error(attempts: int) -> dict[str, Any]:
-    return {
-        "code": "worker_crashed",
-        "message": f"the worker running this job died {attempts} times; not retrying",
-        "param": None,
-        "type": "server_error",
-        "status_code": 500,
-    }
-
-
-def _chunks(ids: Sequence[str]) -> Iterable[list[str]]:
-    for i in range(0, len(ids), CHUNK):
-        yield list(ids[i : i + CHUNK])
-
-
-# --- store-side rules -------------------------------------------------------------------------
-
-
-def fail_timed_out(session: Session, t: float) -> list[str]:
-    result = session.execute(
-        update(Job)
-        .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), Job.deadline_at < t)
-        .values(
-            status=JobStatus.FAILED, error=timeout_error(), finished_at=t, lease_expires_at=None
-        )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    return [str(i) for i in result.scalars()]
-
-
-def _abandoned(t: float, settings: Settings) -> Any:
-    dead = select(WorkerRecord.hostname).where(
-        or_(
-            WorkerRecord.status.in_([WORKER_DOWN, WORKER_LOST]),
-            WorkerRecord.heartbeat_at < t - dead_after_s(settings),
-        )
-    )
-    return and_(
-        Job.status == JobStatus.RUNNING,
-        or_(Job.lease_expires_at < t, Job.worker.in_(dead)),
-    )
-
-
-def recover_abandoned(
-    session: Session, t: float, settings: Settings
-) -> tuple[list[tuple[str, str, int]], list[str]]:
-    """Running jobs nobody runs any more. Returns ([(id, model, priority)] requeued, [id] failed).
-
-    Attempts are not touched here: claim_jobs counts one per claim.
-    """
-    abandoned = _abandoned(t, settings)
-    failed = session.execute(
-        update(Job)
-        .where(abandoned, Job.attempts >= settings.max_attempts)
-        .values(
-            status=JobStatus.FAILED,
-            error=crashed_error(settings.max_attempts),
-            finished_at=t,
-            lease_expires_at=None,
-        )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    failed_ids = [str(i) for i in failed.scalars()]
-    requeued = session.execute(
-        update(Job)
-        .where(abandoned)
-        .values(status=JobStatus.QUEUED, worker=None, lease_expires_at=None, enqueued_at=t)
-        .returning(Job.id, Job.model, Job.priority)
-        .execution_options(synchronize_session=False)
-    )
-    return [(str(i), str(m), int(p)) for i, m, p in requeued.all()], failed_ids
+# --- store-side reads (every write is in lmqueue.transitions) ------------------------------
 
 
 def stale_queued(session: Session, model: str, cutoff: float) -> set[str]:
@@ -144,31 +56,13 @@ def in_hand(session: Session, ids: Sequence[str], cutoff: float) -> set[str]:
     """Jobs a worker is visibly working on: running, or finished after `cutoff` (its message
     is acked right after the result is stored, so such an entry is about to go away)."""
     found: set[str] = set()
-    for chunk in _chunks(ids):
+    for chunk in in_chunks(ids):
         stmt = select(Job.id).where(
             Job.id.in_(chunk),
             or_(Job.status == JobStatus.RUNNING, Job.finished_at >= cutoff),
         )
         found.update(str(i) for i in session.scalars(stmt))
     return found
-
-
-def mark_resent(
-    session: Session, ids: Sequence[str], cutoff: float, t: float
-) -> list[tuple[str, int]]:
-    """Claim the right to re-send: only jobs still queued and still stale are stamped `t`."""
-    sent_at = func.coalesce(Job.enqueued_at, Job.created_at)
-    out: list[tuple[str, int]] = []
-    for chunk in _chunks(ids):
-        result = session.execute(
-            update(Job)
-            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED, sent_at < cutoff)
-            .values(enqueued_at=t)
-            .returning(Job.id, Job.priority)
-            .execution_options(synchronize_session=False)
-        )
-        out += [(str(i), int(p)) for i, p in result.all()]
-    return out
 
 
 # --- the reaper -------------------------------------------------------------------------------
@@ -191,7 +85,7 @@ class Reaper:
         worker_lost, lost_message)."""
         counts: Counter[str] = Counter()
         with session_scope() as session:
-            counts["timeout"] = len(fail_timed_out(session, t))
+            counts["timeout"] = len(time_out(session, t))
             requeued, crashed = recover_abandoned(session, t, self.settings)
         counts["worker_crashed"] = len(crashed)
         counts["worker_lost"] = len(requeued)
@@ -249,7 +143,5 @@ class Reaper:
         return held, stale
 
     def _advance_batches(self) -> None:
-        if _advance_batches is None:
-            return
         with session_scope() as session:
-            _advance_batches(session)
+            advance_batches(session)

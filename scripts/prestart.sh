@@ -28,4 +28,4 @@ while True:
         time.sleep(1)
 engine.dispose()
 PY
-exec python -m lmqueue.cli migrate
+exec python -m cli migrate

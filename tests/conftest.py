@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lmqueue.embedded import EmbeddedRedis, redis_reachable
-from tests.services import fresh_postgres_database
-from tests.stack import Stack
+from cli.embedded import EmbeddedRedis
+from cli.stack import Stack
+from lmqueue.broker import redis_reachable
+from tests.postgres import fresh_postgres_database
 
 MODEL_CACHE = Path(os.environ.get("LMQUEUE_TEST_CACHE", Path.home() / ".cache" / "lmqueue-tests"))
 

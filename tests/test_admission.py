@@ -1,4 +1,4 @@
-"""Admission control and request limits against a real API (auth on): a full backlog per key or
+"""Admission control and request limits against a real API (auth on): too many open jobs per key or
 per model is a 429 with Retry-After from the measured drain rate; oversized bodies are 413s,
 with or without Content-Length; a timeout above the server's maximum is a 400."""
 
@@ -12,10 +12,11 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus, new_id
-from tests.ops_support import as_key, auth_stack, create_key
-from tests.services import wait_until
-from tests.stack import Stack, running
+from cli.procs import wait_until
+from cli.stack import Stack, running
+from lmqueue.admission import MAX_RETRY_S, NO_DRAIN_RETRY_S, retry_after_s
+from lmqueue.tables import Job, JobStatus, new_id
+from tests.auth_stack import as_key, auth_stack, create_key
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +24,7 @@ PER_KEY, PER_MODEL, MAX_BODY = 3, 5, 20_000
 
 
 @pytest.fixture(scope="module")
-def stack(
+def limits_stack(
     database_url: str,
     redis_url: str,
     tiny_model_dir: Path,
@@ -34,8 +35,8 @@ def stack(
         redis_url,
         tiny_model_dir,
         tmp_path_factory.mktemp("logs"),
-        LMQUEUE_MAX_BACKLOG_PER_KEY=str(PER_KEY),
-        LMQUEUE_MAX_BACKLOG_PER_MODEL=str(PER_MODEL),
+        LMQUEUE_MAX_OPEN_JOBS_PER_KEY=str(PER_KEY),
+        LMQUEUE_MAX_OPEN_JOBS_PER_MODEL=str(PER_MODEL),
         LMQUEUE_ADMISSION_CACHE_S="0.5",
         LMQUEUE_MAX_REQUEST_BYTES=str(MAX_BODY),
         LMQUEUE_MAX_JOB_TIMEOUT_S="100",
@@ -48,10 +49,10 @@ def _job(prompt: str, model: str = "idle", **extra: object) -> dict[str, object]
     return {"model": model, "endpoint": "/v1/completions", "body": {"prompt": prompt}, **extra}
 
 
-def _finished_jobs(stack: Stack, model: str, n: int, seconds_ago: float) -> None:
+def _finished_jobs(limits_stack: Stack, model: str, n: int, seconds_ago: float) -> None:
     """Jobs that finished lately: what the drain rate is measured from."""
     t = time.time() - seconds_ago
-    with Session(stack.engine) as s:
+    with Session(limits_stack.engine) as s:
         for _ in range(n):
             s.add(
                 Job(
@@ -69,9 +70,9 @@ def _finished_jobs(stack: Stack, model: str, n: int, seconds_ago: float) -> None
         s.commit()
 
 
-def test_backlog_limits_per_key_and_per_model(stack: Stack) -> None:
-    a, b = create_key(stack, "a"), create_key(stack, "b")
-    with as_key(stack, a) as alice, as_key(stack, b) as bob:
+def test_open_job_limits_per_key_and_per_model(limits_stack: Stack) -> None:
+    a, b = create_key(limits_stack, "a"), create_key(limits_stack, "b")
+    with as_key(limits_stack, a) as alice, as_key(limits_stack, b) as bob:
         ids = [alice.post("/v1/jobs", json=_job(f"a{i}")).json()["id"] for i in range(PER_KEY)]
         full = alice.post("/v1/jobs", json=_job("one too many"))
         assert full.status_code == 429, full.text
@@ -92,10 +93,10 @@ def test_backlog_limits_per_key_and_per_model(stack: Stack) -> None:
         assert "model 'idle'" in model_full.json()["error"]["message"]
         assert model_full.json()["error"]["param"] == "model"
 
-        # Another model is not affected by idle's backlog.
+        # Another model is not affected by idle's open jobs.
         assert bob.post("/v1/jobs", json=_job("other", model="tiny")).status_code == 202
 
-        # Room again once jobs leave the backlog (after the short count cache expires).
+        # Room again once jobs finish (after the short count cache expires).
         assert alice.post(f"/v1/jobs/{ids[0]}/cancel").status_code == 200
         wait_until(
             lambda: alice.post("/v1/jobs", json=_job("again")).status_code == 202,
@@ -105,7 +106,7 @@ def test_backlog_limits_per_key_and_per_model(stack: Stack) -> None:
         )
 
         # Retry-After follows the measured drain rate: 30 jobs in the last minute = 0.5/s.
-        _finished_jobs(stack, "idle", 30, seconds_ago=10)
+        _finished_jobs(limits_stack, "idle", 30, seconds_ago=10)
 
         def paced() -> bool:
             resp = alice.post("/v1/jobs", json=_job("paced"))
@@ -115,26 +116,26 @@ def test_backlog_limits_per_key_and_per_model(stack: Stack) -> None:
         wait_until(paced, 10, "Retry-After to follow the drain rate", every_s=0.2)
 
 
-def test_timeout_above_the_server_maximum_is_a_400(stack: Stack) -> None:
-    key = create_key(stack, "timeouts")
-    with as_key(stack, key) as client:
+def test_timeout_above_the_server_maximum_is_a_400(limits_stack: Stack) -> None:
+    key = create_key(limits_stack, "timeouts")
+    with as_key(limits_stack, key) as client:
         resp = client.post("/v1/jobs", json=_job("slow", model="tiny", timeout=101))
         assert resp.status_code == 400
         assert resp.json()["error"]["param"] == "timeout"
         assert "at most 100 seconds" in resp.json()["error"]["message"]
         ok = client.post("/v1/jobs", json=_job("fine", model="tiny", timeout=50))
         assert ok.status_code == 202, ok.text
-    (job,) = stack.jobs([ok.json()["id"]])
+    (job,) = limits_stack.jobs([ok.json()["id"]])
     assert job.deadline_at is not None
     assert job.deadline_at - job.created_at == pytest.approx(50)
 
 
-def test_oversized_bodies_get_413_with_and_without_content_length(stack: Stack) -> None:
-    key = create_key(stack, "big")
+def test_oversized_bodies_get_413_with_and_without_content_length(limits_stack: Stack) -> None:
+    key = create_key(limits_stack, "big")
     big = b'{"model": "tiny", "endpoint": "/v1/completions", "body": {"prompt": "' + (
         b"x" * (MAX_BODY + 10) + b'"}}'
     )
-    with as_key(stack, key) as client:
+    with as_key(limits_stack, key) as client:
         sized = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
         assert sized.status_code == 413
         assert f"the limit is {MAX_BODY}" in sized.json()["error"]["message"]
@@ -154,7 +155,15 @@ def test_oversized_bodies_get_413_with_and_without_content_length(stack: Stack) 
         assert small.status_code == 400  # read in full, then validated as usual
 
 
-def test_429_is_counted_in_metrics(stack: Stack) -> None:
-    text = httpx.get(f"{stack.base_url}/metrics").text
+def test_429_is_counted_in_metrics(limits_stack: Stack) -> None:
+    text = httpx.get(f"{limits_stack.base_url}/metrics").text
     assert 'lmqueue_admission_rejections_total{limit="key"}' in text
     assert 'lmqueue_admission_rejections_total{limit="model"}' in text
+
+
+@pytest.mark.parametrize(
+    ("excess", "rate", "expected"),
+    [(1, 0.0, NO_DRAIN_RETRY_S), (1, 0.5, 2), (10, 100.0, 1), (10**9, 0.01, MAX_RETRY_S)],
+)
+def test_retry_after(excess: int, rate: float, expected: int) -> None:
+    assert retry_after_s(excess, rate) == expected

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.stack import Stack
+from cli.stack import Stack
 
 pytestmark = pytest.mark.timeout(120)
 

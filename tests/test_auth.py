@@ -14,17 +14,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.procs import Proc, free_port, python_argv, wait_until
+from cli.stack import Stack, running
 from lmqueue.exposure import api_problems, flower_problems, is_loopback
 from lmqueue.settings import Settings
-from tests.ops_support import as_key, auth_stack, create_key, lmqueue_cli
-from tests.services import Proc, free_port, python_argv, wait_until
-from tests.stack import Stack, running
+from tests.auth_stack import as_key, auth_stack, create_key, lmqueue_cli
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def stack(
+def keyed_stack(
     redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     db = f"sqlite:///{tmp_path_factory.mktemp('auth') / 'lmqueue.db'}"
@@ -34,11 +34,11 @@ def stack(
 
 
 @pytest.fixture(scope="module")
-def keys(stack: Stack) -> dict[str, str]:
+def keys(keyed_stack: Stack) -> dict[str, str]:
     return {
-        "a": create_key(stack, "alice"),
-        "b": create_key(stack, "bob"),
-        "admin": create_key(stack, "ops", admin=True),
+        "a": create_key(keyed_stack, "alice"),
+        "b": create_key(keyed_stack, "bob"),
+        "admin": create_key(keyed_stack, "ops", admin=True),
     }
 
 
@@ -129,9 +129,9 @@ OWNED = [
 
 @pytest.mark.parametrize("owned", OWNED, ids=lambda o: o.kind)
 def test_another_key_cannot_see_read_or_cancel(
-    stack: Stack, keys: dict[str, str], owned: Owned
+    keyed_stack: Stack, keys: dict[str, str], owned: Owned
 ) -> None:
-    with as_key(stack, keys["a"]) as alice, as_key(stack, keys["b"]) as bob:
+    with as_key(keyed_stack, keys["a"]) as alice, as_key(keyed_stack, keys["b"]) as bob:
         object_id = owned.create(alice)
         for method, path in owned.reads:
             resp = bob.request(method, path.format(id=object_id))
@@ -146,11 +146,11 @@ def test_another_key_cannot_see_read_or_cancel(
 
 
 def test_the_same_idempotency_key_is_private_to_each_api_key(
-    stack: Stack, keys: dict[str, str]
+    keyed_stack: Stack, keys: dict[str, str]
 ) -> None:
     req = {"model": "idle", "endpoint": "/v1/completions", "body": {"prompt": "idem"}}
     header = {"Idempotency-Key": "shared-name"}
-    with as_key(stack, keys["a"]) as alice, as_key(stack, keys["b"]) as bob:
+    with as_key(keyed_stack, keys["a"]) as alice, as_key(keyed_stack, keys["b"]) as bob:
         a = alice.post("/v1/jobs", json=req, headers=header)
         b = bob.post("/v1/jobs", json=req, headers=header)
     assert a.status_code == b.status_code == 202
@@ -170,9 +170,9 @@ def test_the_same_idempotency_key_is_private_to_each_api_key(
     ],
 )
 def test_requests_without_a_valid_key_get_401(
-    stack: Stack, headers: dict[str, str], code: str
+    keyed_stack: Stack, headers: dict[str, str], code: str
 ) -> None:
-    with stack.client(headers=headers) as client:
+    with keyed_stack.client(headers=headers) as client:
         for method, path in [("GET", "/v1/jobs"), ("GET", "/v1/models"), ("POST", "/v1/jobs")]:
             resp = client.request(method, path, json={} if method == "POST" else None)
             assert resp.status_code == 401, (path, resp.text)
@@ -183,30 +183,30 @@ def test_requests_without_a_valid_key_get_401(
         assert client.get("/readyz").status_code == 200
 
 
-def test_revoked_key_is_refused_and_listed_as_revoked(stack: Stack) -> None:
-    key = create_key(stack, "short-lived")
-    with as_key(stack, key) as client:
+def test_revoked_key_is_refused_and_listed_as_revoked(keyed_stack: Stack) -> None:
+    key = create_key(keyed_stack, "short-lived")
+    with as_key(keyed_stack, key) as client:
         assert client.get("/v1/jobs").status_code == 200
-        listed = lmqueue_cli(stack, "keys", "list", "--json")
+        listed = lmqueue_cli(keyed_stack, "keys", "list", "--json")
         assert listed.returncode == 0, listed.stderr
         assert key not in listed.stdout, "the secret must never be listed"
         (row,) = [r for r in json.loads(listed.stdout) if r["name"] == "short-lived"]
-        revoked = lmqueue_cli(stack, "keys", "revoke", row["id"])
+        revoked = lmqueue_cli(keyed_stack, "keys", "revoke", row["id"])
         assert revoked.returncode == 0, revoked.stderr
         resp = client.get("/v1/jobs")
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "invalid_api_key"
-    assert lmqueue_cli(stack, "keys", "revoke", "key_nope").returncode == 1
+    assert lmqueue_cli(keyed_stack, "keys", "revoke", "key_nope").returncode == 1
 
 
-def test_admin_endpoints_need_the_admin_scope(stack: Stack, keys: dict[str, str]) -> None:
-    with as_key(stack, keys["a"]) as user:
+def test_admin_endpoints_need_the_admin_scope(keyed_stack: Stack, keys: dict[str, str]) -> None:
+    with as_key(keyed_stack, keys["a"]) as user:
         resp = user.get("/v1/admin/keys")
         assert resp.status_code == 403
         assert resp.json()["error"]["type"] == "permission_error"
         assert user.post("/v1/admin/keys", json={"name": "x"}).status_code == 403
         assert user.get("/v1/scheduler").status_code == 403
-    with as_key(stack, keys["admin"]) as admin:
+    with as_key(keyed_stack, keys["admin"]) as admin:
         assert admin.get("/v1/scheduler").status_code == 200
         made = admin.post("/v1/admin/keys", json={"name": "via-api"})
         assert made.status_code == 201, made.text
@@ -215,7 +215,7 @@ def test_admin_endpoints_need_the_admin_scope(stack: Stack, keys: dict[str, str]
         listing = admin.get("/v1/admin/keys").json()["data"]
         assert new_id in {k["id"] for k in listing}
         assert all("key" not in k for k in listing), "only the create response carries a key"
-        with as_key(stack, new_key) as fresh:
+        with as_key(keyed_stack, new_key) as fresh:
             assert fresh.get("/v1/jobs").status_code == 200
             assert admin.delete(f"/v1/admin/keys/{new_id}").json()["revoked_at"]
             assert fresh.get("/v1/jobs").status_code == 401
@@ -244,23 +244,23 @@ def test_exposure_rules() -> None:
     assert flower_problems(Settings(flower_basic_auth=""), "127.0.0.1") == []
 
 
-def test_api_refuses_a_public_bind_with_auth_off(stack: Stack) -> None:
-    env = {**stack.env, "LMQUEUE_AUTH_ENABLED": "false"}
-    cli = lmqueue_cli(stack, "api", "--host", "0.0.0.0", "--port", str(free_port()), env=env)
+def test_api_refuses_a_public_bind_with_auth_off(keyed_stack: Stack) -> None:
+    env = {**keyed_stack.env, "LMQUEUE_AUTH_ENABLED": "false"}
+    cli = lmqueue_cli(keyed_stack, "api", "--host", "0.0.0.0", "--port", str(free_port()), env=env)
     assert cli.returncode == 2
     assert "refusing to start the API" in cli.stderr and "auth is off" in cli.stderr
     # The app itself re-checks at startup (uvicorn started directly, told the bind address).
     env["LMQUEUE_API_HOST"] = "0.0.0.0"
     argv = python_argv("-m", "uvicorn", "api.app:app", "--host", "127.0.0.1")
-    proc = Proc("api-refused", [*argv, "--port", str(free_port())], env, stack.log_dir)
+    proc = Proc("api-refused", [*argv, "--port", str(free_port())], env, keyed_stack.log_dir)
     wait_until(lambda: not proc.alive(), 60, "the API to refuse to start")
     assert proc.popen.returncode != 0
     assert "auth is off" in proc.log_path.read_text()
 
 
-def test_flower_refuses_a_public_bind_with_a_placeholder_password(stack: Stack) -> None:
+def test_flower_refuses_a_public_bind_with_a_placeholder_password(keyed_stack: Stack) -> None:
     env = {"LMQUEUE_FLOWER_BASIC_AUTH": "admin:change-me"}
     port = str(free_port())
-    proc = lmqueue_cli(stack, "flower", "--address", "0.0.0.0", "--port", port, env=env)
+    proc = lmqueue_cli(keyed_stack, "flower", "--address", "0.0.0.0", "--port", port, env=env)
     assert proc.returncode == 2
     assert "placeholder" in proc.stderr

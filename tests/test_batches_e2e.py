@@ -14,11 +14,12 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from lmqueue.batches import advance_batches
+from cli.stack import Stack
+from lmqueue.batches.state import advance_batches
 from lmqueue.broker import reset_producer
-from lmqueue.models import Batch, FileObject, Job, new_id, now
 from lmqueue.settings import reset_settings
-from tests.batch_helpers import (
+from lmqueue.tables import Batch, FileObject, Job, new_id, now
+from tests.batch_client import (
     batch_stack,
     content_lines,
     create,
@@ -27,7 +28,6 @@ from tests.batch_helpers import (
     wait_batch,
     wait_done,
 )
-from tests.stack import Stack
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -297,7 +297,7 @@ def test_request_errors_are_4xx(bstack: Stack) -> None:
 
 
 def test_upload_limits(bstack: Stack) -> None:
-    from tests.batch_helpers import MAX_FILE_BYTES, MAX_LINES
+    from tests.batch_client import MAX_FILE_BYTES, MAX_LINES
 
     client = sdk(bstack)
     with pytest.raises(openai.BadRequestError) as too_many:
@@ -377,7 +377,7 @@ def test_cli_batch_run(bstack: Stack, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "lmqueue.cli",
+            "cli",
             "batch",
             "run",
             str(src),
@@ -404,7 +404,7 @@ def test_cli_batch_run(bstack: Stack, tmp_path: Path) -> None:
     assert re.search(r"6/6", run.stderr), run.stderr  # the tqdm bar reached the end
     batch_id = re.search(r"batch (batch_\w+)", run.stderr).group(1)  # type: ignore[union-attr]
     status = subprocess.run(
-        [sys.executable, "-m", "lmqueue.cli", "batch", "status", batch_id],
+        [sys.executable, "-m", "cli", "batch", "status", batch_id],
         env=env,
         capture_output=True,
         text=True,
@@ -413,7 +413,7 @@ def test_cli_batch_run(bstack: Stack, tmp_path: Path) -> None:
     )
     assert json.loads(status.stdout)["status"] == "completed"
     results = subprocess.run(
-        [sys.executable, "-m", "lmqueue.cli", "batch", "results", batch_id],
+        [sys.executable, "-m", "cli", "batch", "results", batch_id],
         env=env,
         capture_output=True,
         text=True,

@@ -1,4 +1,5 @@
-"""Batch shaping in the worker: length buckets, shared-prefix KV reuse, out-of-memory splits."""
+"""Batch shaping in the worker: length buckets, prefill groups, shared-prefix KV reuse, KV buffers
+(out of memory in the slot loop: tests/test_slot_engine.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from worker.batcher import WorkItem
-from worker.runner import BatchRunner, Prepared, plan_chunks
 
-from lmqueue.jobs import Outcome
 from worker.buckets import padding_waste, plan_buckets
-from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy, RequestError
+from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,19 +63,6 @@ def test_buckets_bound_the_padding_of_mixed_lengths() -> None:
     # Without a waste bound only the row and token budgets cut (the old behaviour).
     assert len(plan_buckets(ordered, 32, 16_384)) == 1
     assert [len(r) for r in plan_buckets(ordered, 32, 60 * 40)] != [32]
-
-
-def test_runner_plans_sorted_buckets(engine: Engine) -> None:
-    texts = ["x = 1\n" * n for n in (30, 1, 12, 2, 29, 11, 1)]
-    rows = [
-        Prepared(WorkItem(f"j{i}", "/v1/completions", {}), GenRequest(ids(engine, t), 1))
-        for i, t in enumerate(texts)
-    ]
-    chunks = plan_chunks(rows, max_rows=8, max_tokens=10_000, max_waste=0.3)
-    lengths = [[len(r.request.prompt_ids) for r in c] for c in chunks]  # type: ignore[union-attr]
-    assert [n for c in lengths for n in c] == sorted(n for c in lengths for n in c)
-    assert len(chunks) == 3  # short, middle and long prompts apart
-    assert all(padding_waste([c]) <= 0.3 for c in lengths)
 
 
 # ---- prefill in length groups, one decode batch ---------------------------------------------
@@ -195,77 +180,6 @@ def test_prefix_reuse_policy(engine: Engine) -> None:
     # Identical prompts: the shared part stops one token short, so each row has a suffix.
     assert engine.stats.prefix_hits == hits + 1
     engine.prefix_policy = PrefixPolicy()
-
-
-# ---- out of memory --------------------------------------------------------------------------
-
-
-class OOMAbove:
-    """A real engine that runs out of "device memory" for batches above `limit` rows, and
-    for any batch holding a prompt longer than `too_long` tokens."""
-
-    def __init__(self, engine: Engine, limit: int, too_long: int = 10**9):
-        self.engine, self.limit, self.too_long = engine, limit, too_long
-        self.stats = engine.stats
-        self.calls: list[int] = []
-
-    def prompt_ids(self, endpoint: str, body: dict[str, Any]) -> list[int]:
-        return self.engine.prompt_ids(endpoint, body)
-
-    def generate(self, requests: list[GenRequest]) -> list[GenResult | RequestError]:
-        self.calls.append(len(requests))
-        if len(requests) > self.limit or any(len(r.prompt_ids) > self.too_long for r in requests):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.engine.generate(requests)
-
-
-def run_items(runner: BatchRunner, texts: list[str]) -> dict[str, Outcome]:
-    stored: list[Outcome] = []
-    runner._store = lambda outcomes, _items: stored.extend(outcomes)  # type: ignore[method-assign]  # no database in a unit test
-    items = [
-        WorkItem(f"job{i}", "/v1/completions", {"model": "tiny", "prompt": t, "max_tokens": 3})
-        for i, t in enumerate(texts)
-    ]
-    runner(items)
-    return {o.job_id: o for o in stored}
-
-
-def test_out_of_memory_splits_down_to_the_failing_row(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    freed: list[bool] = []
-    monkeypatch.setattr("worker.runner.free_cached_memory", lambda: freed.append(True))
-    fake = OOMAbove(engine, limit=3, too_long=40)
-    runner = BatchRunner(fake, "tiny", "w", max_rows=16, max_tokens=100_000)  # type: ignore[arg-type]
-    texts = [f"print({i})" for i in range(10)] + ["x = 1\n" * 20]  # the last one always "OOMs"
-    splits = engine.stats.oom_splits
-    outcomes = run_items(runner, texts)
-
-    assert len(outcomes) == 11
-    bad = outcomes["job10"]
-    assert bad.error is not None and bad.error["code"] == "out_of_memory"
-    assert bad.error["status_code"] == 500 and "out of memory" in bad.error["message"]
-    for i in range(10):
-        o = outcomes[f"job{i}"]
-        assert o.error is None and o.result is not None, o
-        assert o.completion_tokens == 3
-    assert max(n for n in fake.calls if n <= 3) == 3  # batches of 3 rows still ran
-    assert fake.calls[0] == 11  # first the whole bucket, then halves
-    assert len(freed) == engine.stats.oom_splits - splits >= 4
-
-
-def test_other_errors_still_split_but_keep_their_code(engine: Engine) -> None:
-    class Broken(OOMAbove):
-        def generate(self, requests: list[GenRequest]) -> list[GenResult | RequestError]:
-            if any(len(r.prompt_ids) > 40 for r in requests):
-                raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
-            return self.engine.generate(requests)
-
-    runner = BatchRunner(Broken(engine, 0), "tiny", "w", 16, 100_000)  # type: ignore[arg-type]
-    outcomes = run_items(runner, ["a = 1", "b = 2", "x = 1\n" * 20])
-    err = outcomes["job2"].error
-    assert err is not None and err["code"] == "engine_error"
-    assert outcomes["job0"].error is None and outcomes["job1"].error is None
 
 
 # ---- preallocated KV buffers ----------------------------------------------------------------

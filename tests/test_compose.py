@@ -14,10 +14,10 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
+from cli.procs import free_port
 from lmqueue.readiness import head_revisions
 from scripts.env_example import render
 from scripts.requirements import WORKER_ONLY, dist_name, requirements
-from tests.services import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

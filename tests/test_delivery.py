@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import redis
 
+from cli.procs import wait_until
+from cli.stack import Stack
 from lmqueue.broker import enqueue_jobs, producer_app, reset_producer
 from lmqueue.contract import queue_name
-from lmqueue.settings import Settings, get_settings, reset_settings
-from tests.services import wait_until
-from tests.stack import Stack
+from lmqueue.settings import Settings, reset_settings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,4 +76,3 @@ def test_higher_priority_runs_first(stack: Stack) -> None:
 
 def test_queue_name_uses_prefix() -> None:
     assert queue_name("m", Settings(queue_prefix="p")) == "p.m"
-    assert get_settings()  # the lazily built default still works

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from cli.stack import Stack
 from lmqueue.registry import ModelSpec
-from tests.stack import Stack
 from worker.embedding import EmbedEngine, EmbedRequest, EmbedResult
 from worker.engine import RequestError
 from worker.loading import load_engine

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.ops_support import as_key, auth_stack, create_key
-from tests.services import fresh_postgres_database, postgres_admin_url
-from tests.stack import Stack, running
+from cli.stack import Stack, running
+from tests.auth_stack import as_key, auth_stack, create_key
+from tests.postgres import fresh_postgres_database, postgres_admin_url
 
 MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "40")
 SEED = os.environ.get("FUZZ_SEED", "20261128")
@@ -39,7 +39,7 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(
+def fuzz_stack(
     database: str, redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     st = auth_stack(
@@ -55,23 +55,25 @@ def stack(
 
 
 @pytest.fixture(scope="module")
-def admin_key(stack: Stack) -> str:
-    return create_key(stack, "fuzzer", admin=True)
+def admin_key(fuzz_stack: Stack) -> str:
+    return create_key(fuzz_stack, "fuzzer", admin=True)
 
 
-def _server_errors(stack: Stack) -> list[str]:
-    assert stack.api is not None
-    lines = stack.api.log_path.read_text(errors="replace").splitlines()
+def _server_errors(fuzz_stack: Stack) -> list[str]:
+    assert fuzz_stack.api is not None
+    lines = fuzz_stack.api.log_path.read_text(errors="replace").splitlines()
     return [line for line in lines if "Traceback" in line or "Exception in ASGI" in line]
 
 
 @pytest.mark.timeout(240)
-def test_schemathesis_finds_no_server_errors(stack: Stack, admin_key: str, tmp_path: Path) -> None:
+def test_schemathesis_finds_no_server_errors(
+    fuzz_stack: Stack, admin_key: str, tmp_path: Path
+) -> None:
     report = tmp_path / "schemathesis.json"
     argv = [
         str(Path(sys.executable).parent / "schemathesis"),
         "run",
-        f"{stack.base_url}/openapi.json",
+        f"{fuzz_stack.base_url}/openapi.json",
         *CHECKS,
         "--header",
         f"Authorization: Bearer {admin_key}",
@@ -100,7 +102,7 @@ def test_schemathesis_finds_no_server_errors(stack: Stack, admin_key: str, tmp_p
     assert proc.returncode == 0 and not summary["failures"], proc.stdout[-6000:]
     assert summary["operations"]["tested"] >= 10
     assert cases["generated"] >= 200
-    assert not _server_errors(stack), stack.api.tail() if stack.api else ""
+    assert not _server_errors(fuzz_stack), fuzz_stack.api.tail() if fuzz_stack.api else ""
 
 
 JOB = {"model": "tiny", "endpoint": "/v1/completions", "body": {"prompt": "x"}}
@@ -176,8 +178,8 @@ HOSTILE: list[tuple[str, str, Any, int, str]] = [
 
 
 @pytest.mark.timeout(60)
-def test_hostile_requests_get_4xx_naming_the_problem(stack: Stack, admin_key: str) -> None:
-    with as_key(stack, admin_key) as client:
+def test_hostile_requests_get_4xx_naming_the_problem(fuzz_stack: Stack, admin_key: str) -> None:
+    with as_key(fuzz_stack, admin_key) as client:
         for method, path, payload, status, needle in HOSTILE:
             # Escaped JSON (ensure_ascii), so lone surrogates and NUL travel as \uXXXX.
             content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -189,4 +191,4 @@ def test_hostile_requests_get_4xx_naming_the_problem(stack: Stack, admin_key: st
         long_key = {"Idempotency-Key": "k" * 201}
         resp = client.post("/v1/jobs", json=JOB, headers=long_key)
         assert resp.status_code == 400 and "idempotency-key" in resp.text.lower()
-    assert not _server_errors(stack)
+    assert not _server_errors(fuzz_stack)

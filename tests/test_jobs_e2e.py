@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.stack import Stack
+from cli.stack import Stack
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from lmqueue.migrate import upgrade_head
-from tests.services import fresh_postgres_database
+from tests.postgres import fresh_postgres_database
 
 pytestmark = pytest.mark.timeout(120)
 

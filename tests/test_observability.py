@@ -14,12 +14,12 @@ import httpx
 import pytest
 from kombu import Connection
 
+from cli.procs import Proc, free_port, python_argv, wait_until
+from cli.stack import Stack, running
 from lmqueue.broker import celery_config
 from lmqueue.db import make_engine
 from lmqueue.readiness import readiness
 from lmqueue.settings import Settings
-from tests.services import Proc, free_port, python_argv, wait_until
-from tests.stack import Stack, running
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,7 +27,7 @@ FLOWER_AUTH = ("ops", "s3cret-flower-pass")
 
 
 @pytest.fixture(scope="module")
-def stack(
+def metrics_stack(
     redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     db = f"sqlite:///{tmp_path_factory.mktemp('obs') / 'lmqueue.db'}"
@@ -42,12 +42,12 @@ def stack(
 
 
 @pytest.fixture(scope="module")
-def flower(stack: Stack) -> Iterator[str]:
+def flower(metrics_stack: Stack) -> Iterator[str]:
     """`lmqueue flower` as a process, basic auth from LMQUEUE_FLOWER_BASIC_AUTH."""
     port = free_port()
-    env = {**stack.env, "LMQUEUE_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
-    argv = python_argv("-m", "lmqueue.cli", "flower", "--port", str(port))
-    proc = Proc("flower", argv, env, stack.log_dir)
+    env = {**metrics_stack.env, "LMQUEUE_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
+    argv = python_argv("-m", "cli", "flower", "--port", str(port))
+    proc = Proc("flower", argv, env, metrics_stack.log_dir)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -66,10 +66,10 @@ def flower(stack: Stack) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def worker_metrics(stack: Stack, flower: str) -> str:
+def worker_metrics(metrics_stack: Stack, flower: str) -> str:
     """A worker for "tiny" serving Prometheus metrics (started after Flower listens)."""
     port = free_port()
-    stack.start_worker("tiny", env={"LMQUEUE_WORKER_METRICS_PORT": str(port)})
+    metrics_stack.start_worker("tiny", env={"LMQUEUE_WORKER_METRICS_PORT": str(port)})
     return f"http://127.0.0.1:{port}/metrics"
 
 
@@ -86,13 +86,13 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def test_flower_shows_the_request_task_succeeding(
-    stack: Stack, flower: str, worker_metrics: str
+    metrics_stack: Stack, flower: str, worker_metrics: str
 ) -> None:
     assert httpx.get(f"{flower}/api/tasks", timeout=5).status_code == 401
     assert httpx.get(f"{flower}/api/tasks", auth=("ops", "wrong"), timeout=5).status_code == 401
-    with stack.client() as client:
-        job_id = stack.submit(client, "tiny", "seen by flower", max_tokens=2)
-        assert stack.wait_job(client, job_id)["status"] == "succeeded"
+    with metrics_stack.client() as client:
+        job_id = metrics_stack.submit(client, "tiny", "seen by flower", max_tokens=2)
+        assert metrics_stack.wait_job(client, job_id)["status"] == "succeeded"
 
     def task() -> dict[str, Any] | None:
         resp = httpx.get(
@@ -112,10 +112,10 @@ def test_flower_shows_the_request_task_succeeding(
     assert found["worker"].startswith("tiny-")
 
 
-def test_worker_metrics(stack: Stack, worker_metrics: str) -> None:
-    with stack.client() as client:
-        ids = [stack.submit(client, "tiny", f"metrics {i}", max_tokens=3) for i in range(4)]
-        jobs = [stack.wait_job(client, i) for i in ids]
+def test_worker_metrics(metrics_stack: Stack, worker_metrics: str) -> None:
+    with metrics_stack.client() as client:
+        ids = [metrics_stack.submit(client, "tiny", f"metrics {i}", max_tokens=3) for i in range(4)]
+        jobs = [metrics_stack.wait_job(client, i) for i in ids]
     assert all(j["status"] == "succeeded" for j in jobs)
     text = httpx.get(worker_metrics, timeout=5).text
     tiny = {"model": "tiny"}
@@ -132,18 +132,20 @@ def test_worker_metrics(stack: Stack, worker_metrics: str) -> None:
     assert (sample(text, "lmqueue_model_load_seconds", **tiny) or 0) > 0
 
 
-def test_api_metrics_report_queue_depth(stack: Stack) -> None:
-    with stack.client() as client:
-        ids = [stack.submit(client, "idle", f"waiting {i}") for i in range(3)]
+def test_api_metrics_report_queue_depth(metrics_stack: Stack) -> None:
+    with metrics_stack.client() as client:
+        ids = [metrics_stack.submit(client, "idle", f"waiting {i}") for i in range(3)]
         text = client.get("/metrics").text
         assert sample(text, "lmqueue_queue_depth", model="idle", state="waiting") == 3
         assert sample(text, "lmqueue_num_requests_waiting", model="idle") == 3
         assert (sample(text, "lmqueue_jobs_submitted_total", model="idle") or 0) >= 3
 
         # A message delivered and not yet acked counts as reserved, not waiting.
-        opts = celery_config(Settings(redis_url=stack.redis_url))["broker_transport_options"]
-        with Connection(stack.redis_url, transport_options=opts) as conn:
-            queue = conn.SimpleQueue(stack.queue("idle"), no_ack=False)
+        opts = celery_config(Settings(redis_url=metrics_stack.redis_url))[
+            "broker_transport_options"
+        ]
+        with Connection(metrics_stack.redis_url, transport_options=opts) as conn:
+            queue = conn.SimpleQueue(metrics_stack.queue("idle"), no_ack=False)
             message = queue.get(timeout=10)
             text = client.get("/metrics").text
             assert sample(text, "lmqueue_queue_depth", model="idle", state="waiting") == 2
@@ -159,8 +161,8 @@ def test_api_metrics_report_queue_depth(stack: Stack) -> None:
     assert (sample(text, "lmqueue_jobs_finished_total", model="idle", status="cancelled")) == 3
 
 
-def test_readyz(stack: Stack, tmp_path: Path) -> None:
-    resp = httpx.get(f"{stack.base_url}/readyz", timeout=5)
+def test_readyz(metrics_stack: Stack, tmp_path: Path) -> None:
+    resp = httpx.get(f"{metrics_stack.base_url}/readyz", timeout=5)
     assert resp.status_code == 200, resp.text
     assert resp.json()["checks"] == {"store": "ok", "broker": "ok"}
 
@@ -172,7 +174,9 @@ def test_readyz(stack: Stack, tmp_path: Path) -> None:
     assert "does not answer" in (problems["broker"] or "")
 
 
-def test_worker_metrics_count_shared_prefix_reuse(stack: Stack, worker_metrics: str) -> None:
+def test_worker_metrics_count_shared_prefix_reuse(
+    metrics_stack: Stack, worker_metrics: str
+) -> None:
     """Bulk lines travel 32 to a message, so these four land in one micro-batch; they share a
     long prompt prefix, which the engine prefills once and the worker's counters report."""
     header = "def shared(x):\n    return x * 2 + 1\n" * 6  # well over the 32-token minimum
@@ -186,7 +190,7 @@ def test_worker_metrics_count_shared_prefix_reuse(stack: Stack, worker_metrics: 
         for i in range(4)
     ]
     content = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    with stack.client() as client:
+    with metrics_stack.client() as client:
         upload = client.post(
             "/v1/files", files={"file": ("p.jsonl", content)}, data={"purpose": "batch"}
         )

@@ -22,14 +22,14 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cli.procs import free_port, wait_until
+from cli.stack import Stack
 from lmqueue.contract import redis_queue_keys
-from lmqueue.models import Job, JobStatus, ScalingEvent, WorkerRecord
 from lmqueue.settings import Settings
+from lmqueue.tables import Job, JobStatus, ScalingEvent, WorkerRecord
 from scheduler.backends.local import LocalBackend
 from scheduler.recovery import Reaper
-from tests.sched_support import all_done, settings_for, status_counts, submit_many
-from tests.services import free_port, wait_until
-from tests.stack import Stack
+from tests.scheduler_load import all_done, settings_for, status_counts, submit_many
 
 FAST = {
     "LMQUEUE_SCHEDULER_INTERVAL_S": "0.5",

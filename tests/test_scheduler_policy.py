@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -151,10 +154,50 @@ def test_kubernetes_patches_the_deployment_scale() -> None:
     assert deployment_name("w-{model}", "__X__") == "w-x"
 
 
-def test_kubernetes_client_is_the_official_one() -> None:
+class _FakeScaleApi(BaseHTTPRequestHandler):
+    """The deployment `scale` subresource of one API server, over real HTTP."""
+
+    replicas = 1
+    patches: list[Any] = []
+
+    def _answer(self) -> None:
+        body = json.dumps(
+            {"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {"replicas": self.replicas}}
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer()
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        patch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).patches.append((self.path, patch))
+        type(self).replicas = patch["spec"]["replicas"]
+        self._answer()
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+def test_kubernetes_backend_speaks_to_the_api_server_through_the_official_client() -> None:
     client = pytest.importorskip("kubernetes.client")
-    for method in ("read_namespaced_deployment_scale", "patch_namespaced_deployment_scale"):
-        assert hasattr(client.AppsV1Api, method)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeScaleApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = client.Configuration(host=f"http://127.0.0.1:{server.server_port}")
+        api = client.AppsV1Api(client.ApiClient(config))
+        b = KubernetesBackend("tiny", Settings(scheduler_k8s_namespace="inference"), api=api)
+        assert b.current() == 1
+        b.scale_to(4)
+        assert b.current() == 4
+        path = f"/apis/apps/v1/namespaces/inference/deployments/{b.name}/scale"
+        assert _FakeScaleApi.patches == [(path, {"spec": {"replicas": 4}})]
+    finally:
+        server.shutdown()
 
 
 # --- one model's scaler with a fake backend ---------------------------------------------------

@@ -12,22 +12,23 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
+from cli.stack import Stack
 from lmqueue.broker import producer_app
 from lmqueue.contract import queue_name, redis_queue_keys
 from lmqueue.db import session_scope
-from lmqueue.jobs import claim_jobs, create_job
-from lmqueue.models import Job, WorkerRecord, now
-from lmqueue.settings import Settings, get_settings
-from scheduler.kombu_redis import (
+from lmqueue.jobs import create_job
+from lmqueue.kombu_redis import (
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     job_ids_of,
     queued_job_ids,
     reserved_counts,
 )
+from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Job, WorkerRecord, now
+from lmqueue.transitions import claim_jobs
 from scheduler.recovery import Reaper
-from tests.services import fresh_postgres_database
-from tests.stack import Stack
+from tests.postgres import fresh_postgres_database
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +49,7 @@ def env(fresh_db: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     """This process's settings point at a fresh store, the test Redis and a private prefix."""
     st = Stack(fresh_db, redis_url, {MODEL: tmp_path}, tmp_path)
     st.migrate()
-    from tests.sched_support import settings_for
+    from tests.scheduler_load import settings_for
 
     with settings_for(
         st,
@@ -125,7 +126,7 @@ def test_timeouts_fail_queued_and_running_jobs(env: Settings) -> None:
     assert all(jobs[i].error["code"] == "timeout" for i in late)  # type: ignore[index]
     assert jobs[on_time[0]].status == "queued"
     # The worker's late write finds its job no longer running: the timeout stays.
-    from lmqueue.jobs import Outcome, store_outcomes
+    from lmqueue.transitions import Outcome, store_outcomes
 
     with session_scope() as s:
         assert store_outcomes(s, [Outcome(late[1], result={"x": 1})], "w/1") == 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import wait_until
-from tests.stack import Stack
+from cli.procs import wait_until
+from cli.stack import Stack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmqueue.errors import error_object
+
 
 @dataclass
 class GenRequest:
@@ -40,12 +42,7 @@ class RequestError(Exception):
 
     def as_dict(self) -> dict[str, str | None]:
         """OpenAI-shaped error object."""
-        return {
-            "type": "invalid_request_error",
-            "code": self.code,
-            "message": self.message,
-            "param": self.param,
-        }
+        return error_object(self.message, param=self.param, code=self.code)
 
     def __repr__(self) -> str:
         return f"RequestError({self.code!r}, {self.message!r}, {self.param!r})"

@@ -25,16 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmqueue.db import session_scope
-from lmqueue.jobs import Outcome, claim_jobs, store_outcomes
+from lmqueue.transitions import Outcome, claim_jobs, store_outcomes, time_out
 from worker.backends.base import Backend, StepOutput
 from worker.gen_types import RequestError, TokenEvent
-from worker.loop_parts import (
-    StepStats,
-    TokenHook,
-    engine_error,
-    finished_outcome,
-    timeout_error,
-)
+from worker.loop_parts import StepStats, TokenHook, engine_error, finished_outcome
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +189,15 @@ class WorkerLoop:
         self.backend.cancel(cancels & set(self._running))
 
     def _expire(self) -> None:
-        """Running jobs past their deadline leave their slot with a timeout error."""
+        """Running jobs past their deadline fail (the timeout transition) and leave their slot
+        at the next step."""
         now = time.time()
-        late = [k for k, w in self._running.items() if w.deadline_at and now > w.deadline_at]
+        with self._cond:
+            late = [k for k, w in self._running.items() if w.deadline_at and now > w.deadline_at]
         if late:
+            with session_scope() as session:
+                time_out(session, now, late)
             self.backend.cancel(late)
-            self._finish([(k, Outcome(k, error=timeout_error(running=True))) for k in late])
 
     def _admit(self) -> None:
         """Claim as many waiting jobs as the backend has room for, best priority first. Jobs
@@ -213,13 +210,14 @@ class WorkerLoop:
             self._waiting.sort(key=lambda w: (-w.priority, w.seq))
             picked, self._waiting = self._waiting[:room], self._waiting[room:]
             self._cond.notify_all()
-        with session_scope() as session:
-            claimed = {
-                j.id
-                for j in claim_jobs(session, [w.job_id for w in picked], self.worker, self.lease_s)
-            }
-        failed: list[tuple[str, Outcome]] = []
         now = time.time()
+        late = [w.job_id for w in picked if w.deadline_at is not None and now > w.deadline_at]
+        with session_scope() as session:
+            if late:  # expired while waiting: fail them instead of starting them
+                time_out(session, now, late)
+            ids = [w.job_id for w in picked if w.job_id not in late]
+            claimed = {j.id for j in claim_jobs(session, ids, self.worker, self.lease_s)}
+        failed: list[tuple[str, Outcome]] = []
         for w in picked:
             if w.job_id not in claimed:  # finished, cancelled or running elsewhere: skip it
                 _resolve(w)
@@ -227,15 +225,13 @@ class WorkerLoop:
             w.started_at = now
             with self._cond:
                 self._running[w.job_id] = w
-            err = self._admit_one(w, now)
+            err = self._admit_one(w)
             if err is not None:
                 failed.append((w.job_id, Outcome(w.job_id, error=err)))
         if failed:
             self._finish(failed)
 
-    def _admit_one(self, w: Waiting, now: float) -> dict[str, Any] | None:
-        if w.deadline_at is not None and now > w.deadline_at:
-            return timeout_error(running=False)
+    def _admit_one(self, w: Waiting) -> dict[str, Any] | None:
         if isinstance(w.request, RequestError):
             return self._outcome(w.job_id, w.request).error
         err = self.backend.admit(w.job_id, w.request)

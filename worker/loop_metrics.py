@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from lmqueue.jobs import Outcome
-from lmqueue.metrics import (
+from lmqueue.transitions import Outcome
+from worker.metrics import (
     BATCH_DURATION,
     BATCH_SIZE,
     GENERATION_THROUGHPUT,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmqueue.jobs import Outcome
+from lmqueue.transitions import Outcome
 from worker.embedding import EmbedResult
 from worker.gen_types import GenResult, RequestError, TokenEvent
 from worker.responses import completion_body, embedding_body, request_error, server_error
@@ -35,21 +35,6 @@ def finished_outcome(
     if res.code == "out_of_memory":
         return Outcome(job_id, error=server_error(res.code, res.message))
     return Outcome(job_id, error=request_error(res))
-
-
-def timeout_error(running: bool) -> dict[str, Any]:
-    message = (
-        "the job passed its deadline while it ran"
-        if running
-        else "the job passed its deadline before it ran"
-    )
-    return {
-        "code": "timeout",
-        "message": message,
-        "param": "timeout",
-        "type": "timeout",
-        "status_code": 408,
-    }
 
 
 def engine_error(message: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from lmqueue import errors
 from lmqueue.schemas import CHAT
 from worker.embedding import EmbedResult
 from worker.engine import GenResult, RequestError
@@ -67,20 +68,7 @@ def embedding_body(model: str, result: EmbedResult) -> dict[str, Any]:
 
 
 def request_error(exc: RequestError) -> dict[str, Any]:
-    return {
-        "code": exc.code,
-        "message": exc.message,
-        "param": exc.param,
-        "type": "invalid_request_error",
-        "status_code": 400,
-    }
+    return errors.request_error(exc.code, exc.message, exc.param)
 
 
-def server_error(code: str, message: str) -> dict[str, Any]:
-    return {
-        "code": code,
-        "message": message,
-        "param": None,
-        "type": "server_error",
-        "status_code": 500,
-    }
+server_error = errors.server_error

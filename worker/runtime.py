@@ -11,16 +11,17 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.dialects import postgresql, sqlite
 
 from lmqueue.db import get_engine, session_scope
-from lmqueue.jobs import jobs_to_drop, renew_leases
-from lmqueue.metrics import MODEL_LOAD_TIME, start_worker_metrics
-from lmqueue.models import Job, WorkerRecord, now
+from lmqueue.jobs import jobs_to_drop
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Job, WorkerRecord, now
+from lmqueue.transitions import renew_leases
 from worker.backends.base import Backend
 from worker.backends.embed import EmbedBackend
 from worker.embedding import EmbedEngine
@@ -29,6 +30,7 @@ from worker.gen_types import RequestError
 from worker.loading import load_engine
 from worker.loop import Waiting, WorkerLoop
 from worker.loop_metrics import StepMetrics, record_outcomes
+from worker.metrics import MODEL_LOAD_TIME, start_worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,22 @@ def served_model_name(settings: Settings) -> str:
     return names[0]
 
 
-def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
-    slots = spec.batch_size(settings)
-    if spec.path.startswith("echo:"):  # test-only null model (benchmarks of the queue path)
-        from worker.echo import EchoBackend
+BackendFactory = Callable[[ModelSpec], Backend]
+_backend_factory: BackendFactory | None = None
 
-        return EchoBackend(spec.name)
+
+def set_backend_factory(factory: BackendFactory | None) -> None:
+    """Serve every model with `factory(spec)` instead of loading weights. Only benchmarks and
+    tests call this, in a worker process they start through their own entry module; nothing in
+    settings or the registry can select it."""
+    global _backend_factory
+    _backend_factory = factory
+
+
+def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
+    if _backend_factory is not None:
+        return _backend_factory(spec)
+    slots = spec.batch_size(settings)
     engine = load_engine(spec)
     if isinstance(engine, EmbedEngine):
         return EmbedBackend(engine, slots, spec.batch_tokens(settings))

@@ -1,6 +1,6 @@
-"""OpenAI Batch API, plus partial results and retry_failed.
+"""OpenAI Batch API, plus partial results and retry_failed. Thin: the work is in lmqueue.batches.
 
-Every read advances the batch's state first (lmqueue.batches.advance_batch semantics), so a
+Every read advances the batch's state first (lmqueue.batches.state.advance), so a
 client polling GET /v1/batches/{id} sees it progress even without a scheduler running.
 Routes commit before they answer: the session dependency commits only after the response is
 sent, and a client may use what it was told (an output file id) right away.
@@ -19,16 +19,19 @@ from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
 from api.pagination import list_page
-from lmqueue import batches as b
 from lmqueue import files as fs
-from lmqueue.batch_ingest import ingest_batch, retry_lines
-from lmqueue.batch_output import results_page
-from lmqueue.models import Batch
+from lmqueue.batches import BatchInputError
+from lmqueue.batches.create import new_batch, retry_batch
+from lmqueue.batches.ingest import ingest_batch
+from lmqueue.batches.output import results_page
+from lmqueue.batches.state import VALIDATING
+from lmqueue.batches.state import cancel_batch as cancel
+from lmqueue.batches.views import batch_to_dict, get_batch, view_batches
+from lmqueue.batches.views import list_batches as list_page_of
 from lmqueue.settings import get_settings
+from lmqueue.tables import Batch
 
 router = APIRouter(tags=["batches"], responses=errors(400, 401, 404, 409, 413))
-
-RETRYABLE = (b.COMPLETED, b.EXPIRED, b.CANCELLED)
 
 
 class CreateBatch(BaseModel):
@@ -40,12 +43,12 @@ class CreateBatch(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
-def _api_error(exc: b.BatchInputError) -> APIError:
+def _api_error(exc: BatchInputError) -> APIError:
     return APIError(exc.status, exc.message, code=exc.code, param=exc.param)
 
 
 def _load(session: Session, owner: str, batch_id: str) -> Batch:
-    batch = b.get_batch(session, owner, batch_id)
+    batch = get_batch(session, owner, batch_id)
     if batch is None:
         raise APIError(404, f"no batch {batch_id!r}", code="not_found", param="batch_id")
     return batch
@@ -55,7 +58,7 @@ def _start(session: Session, batch: Batch, tasks: BackgroundTasks) -> dict[str, 
     session.add(batch)
     session.commit()  # the row exists before the ingest task looks for it
     tasks.add_task(ingest_batch, batch.id)
-    return b.batch_to_dict(batch)
+    return batch_to_dict(batch)
 
 
 @router.post("/v1/batches")
@@ -79,14 +82,14 @@ def create_batch(
         msg = f"file {f.id} has {f.line_count} lines; the limit is {limit}"
         raise APIError(400, msg, code="too_many_lines", param="input_file_id")
     try:
-        batch = b.new_batch(
+        batch = new_batch(
             owner=owner,
             input_file_id=f.id,
             endpoint=req.endpoint,
             completion_window=req.completion_window,
             metadata=req.metadata,
         )
-    except b.BatchInputError as exc:
+    except BatchInputError as exc:
         raise _api_error(exc) from exc
     return _start(session, batch, tasks)
 
@@ -97,7 +100,7 @@ def retrieve_batch(
     session: Annotated[Session, Depends(get_session, scope="function")],
     owner: Annotated[str, Depends(get_owner)],
 ) -> dict[str, Any]:
-    return b.view_batches(session, [_load(session, owner, batch_id)])[0]
+    return view_batches(session, [_load(session, owner, batch_id)])[0]
 
 
 @router.get("/v1/batches")
@@ -107,8 +110,8 @@ def list_batches(
     after: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    rows, has_more = b.list_batches(session, owner, after=after, limit=limit)
-    return list_page(b.view_batches(session, rows), has_more)
+    rows, has_more = list_page_of(session, owner, after=after, limit=limit)
+    return list_page(view_batches(session, rows), has_more)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
@@ -119,10 +122,10 @@ def cancel_batch(
 ) -> dict[str, Any]:
     batch = _load(session, owner, batch_id)
     try:
-        b.cancel_batch(session, batch)
-    except b.BatchInputError as exc:
+        cancel(session, batch)
+    except BatchInputError as exc:
         raise _api_error(exc) from exc
-    return b.view_batches(session, [batch])[0]
+    return view_batches(session, [batch])[0]
 
 
 @router.get("/v1/batches/{batch_id}/results")
@@ -138,7 +141,7 @@ def batch_results(
     ("true" once every line of the batch has been returned). Each custom_id comes exactly
     once across pages."""
     batch = _load(session, owner, batch_id)
-    page = results_page(session, batch.id, after, limit, ingested=batch.status != b.VALIDATING)
+    page = results_page(session, batch.id, after, limit, ingested=batch.status != VALIDATING)
     headers = {
         "X-Next-After": page.cursor,
         "X-Results-Complete": "true" if page.complete else "false",
@@ -156,32 +159,8 @@ def retry_failed(
 ) -> dict[str, Any]:
     """A child batch (`parent_batch_id`) of the failed and never-run lines of a finished one,
     from a new input file holding just those lines."""
-    parent = _load(session, owner, batch_id)
-    b.view_batches(session, [parent])  # bring its status up to date first
-    session.commit()  # keep the advanced status even if the checks below refuse the retry
-    if parent.status not in RETRYABLE:
-        msg = f"batch {batch_id} is {parent.status}; retry it once it is completed, expired or "
-        raise APIError(409, msg + "cancelled", code="not_finished")
-    if not parent.failed:
-        raise APIError(400, f"batch {batch_id} has no failed lines", code="nothing_to_retry")
-    settings = get_settings()
-    sink = fs.UploadSink(fs.files_dir(settings), settings.batch_max_file_bytes)
     try:
-        for line in retry_lines(session, parent):
-            sink.write(line)
-        f = fs.store_upload(
-            session, sink, owner=owner, filename=f"{parent.id}_retry.jsonl", purpose="batch"
-        )
-    except fs.FileTooLarge as exc:
-        raise APIError(413, str(exc), code="file_too_large") from exc
-    finally:
-        sink.discard()
-    child = b.new_batch(
-        owner=owner,
-        input_file_id=f.id,
-        endpoint=parent.endpoint,
-        completion_window=parent.completion_window,
-        metadata=parent.metadata_,
-        parent_batch_id=parent.id,
-    )
+        child = retry_batch(session, _load(session, owner, batch_id))
+    except BatchInputError as exc:
+        raise _api_error(exc) from exc
     return _start(session, child, tasks)

@@ -17,8 +17,8 @@ from api.pagination import list_page
 from api.upload import MultipartReceiver, UploadError
 from lmqueue import files as fs
 from lmqueue.db import session_scope
-from lmqueue.models import FileObject
 from lmqueue.settings import get_settings
+from lmqueue.tables import FileObject
 
 router = APIRouter(tags=["files"], responses=errors(400, 401, 404, 413))
 

@@ -18,11 +18,12 @@ from api.errors import APIError
 from api.openapi import errors
 from api.pagination import list_page
 from lmqueue import jobs as q
+from lmqueue import transitions
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
 from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
-from lmqueue.models import Job, JobStatus
 from lmqueue.settings import get_settings
+from lmqueue.tables import Job, JobStatus
 from lmqueue.validation import InvalidRequest, check_request
 
 router = APIRouter(tags=["jobs"], responses=errors(400, 401, 404, 413))
@@ -81,7 +82,7 @@ def submit_job(
         admitted(owner, model)
         JOBS_SUBMITTED.labels(model).inc()
         enqueue_jobs(model, [job.id], priority)
-        q.mark_enqueued(session, [job.id])
+        transitions.mark_enqueued(session, [job.id])
     return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
 
 
@@ -132,7 +133,7 @@ def cancel_job(
     job = q.get_job(session, owner, job_id)
     if job is None:
         raise _not_found(job_id)
-    if q.cancel_job(session, job):
+    if transitions.cancel_job(session, job):
         JOBS_FINISHED.labels(job.model, JobStatus.CANCELLED).inc()
     elif job.status != JobStatus.CANCELLED:
         raise APIError(

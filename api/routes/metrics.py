@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from lmqueue.backlog import active_counts
-from lmqueue.contract import queue_name, redis_queue_keys
+from lmqueue.contract import queue_name
 from lmqueue.db import session_scope
+from lmqueue.jobs import open_job_counts
 from lmqueue.metrics import QueueCollector, register_once
 from lmqueue.registry import get_registry
 from lmqueue.settings import get_settings
@@ -16,14 +16,9 @@ from lmqueue.settings import get_settings
 router = APIRouter(tags=["operations"])
 
 
-def _queue_keys(model: str) -> tuple[str, list[str]]:
-    queue = queue_name(model)
-    return queue, redis_queue_keys(queue)
-
-
 def _store_counts() -> dict[tuple[str, str], int]:
     with session_scope() as session:
-        return active_counts(session)
+        return open_job_counts(session)
 
 
 def install_queue_collector() -> None:
@@ -32,7 +27,7 @@ def install_queue_collector() -> None:
         QueueCollector(
             models=lambda: get_registry().keys(),
             redis_url=lambda: get_settings().redis_url,
-            queue_keys=_queue_keys,
+            queue_of=queue_name,
             store_counts=_store_counts,
         ),
     )

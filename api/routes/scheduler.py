@@ -13,14 +13,14 @@ from sqlalchemy.orm import Session
 from api.auth import require_admin
 from api.deps import get_session
 from api.openapi import errors
-from lmqueue.models import now
-from lmqueue.scheduling import (
+from lmqueue.fleet import (
     event_to_dict,
     recent_scaling_events,
     recent_workers,
     worker_to_dict,
 )
 from lmqueue.settings import get_settings
+from lmqueue.tables import now
 
 # Admin only: worker hostnames and queue sizes are operational detail, not a tenant's business.
 router = APIRouter(

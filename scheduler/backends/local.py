@@ -22,10 +22,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from lmqueue.commands import worker_argv
 from lmqueue.db import session_scope
-from lmqueue.models import Job, JobStatus, WorkerRecord
-from lmqueue.scheduling import live_workers
+from lmqueue.fleet import live_workers
 from lmqueue.settings import Settings
+from lmqueue.tables import Job, JobStatus, WorkerRecord
 from scheduler.backends.base import Backend
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ class LocalBackend(Backend):
         return [c for c in self.children if not c.retiring]
 
     def _spawn(self) -> Child | None:
-        from lmqueue.cli import worker_argv
-
         if time.time() < self._no_spawn_until:
             return None  # backing off after crashes; scale_to tries again next tick
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmqueue.db import session_scope
-from lmqueue.scheduling import live_workers
+from lmqueue.fleet import live_workers
 from lmqueue.settings import Settings
 from scheduler.backends.base import Backend
 

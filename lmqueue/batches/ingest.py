@@ -8,34 +8,27 @@ an invalid line rolls back, so nothing is enqueued, and memory stays flat whatev
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
-from lmqueue.batches import (
-    IN_PROGRESS,
-    VALIDATING,
-    enqueue_lines,
-    fail_batch,
-)
+from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, send_lines, start_batch
 from lmqueue.db import get_sessionmaker, session_scope
+from lmqueue.errors import batch_error
 from lmqueue.files import content_path
 from lmqueue.jsonl import LineError, validate_file
-from lmqueue.models import Batch, FileObject, Job, JobStatus, now
 from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Batch, FileObject, Job, JobStatus, now
 
 log = logging.getLogger(__name__)
 
 INSERT_CHUNK = 1000
-RETRY_STATUSES = (JobStatus.FAILED, JobStatus.CANCELLED)
 # Core insert (executemany): no ORM unit-of-work per row.
 JOBS: Table = Job.__table__  # type: ignore[assignment]
 
@@ -156,10 +149,7 @@ def ingest_batch(batch_id: str) -> None:
         path = _input_path(session, batch)
         if path is None:
             msg = f"the input file {batch.input_file_id} was deleted"
-            _fail(
-                batch_id,
-                [{"code": "input_file_missing", "message": msg, "param": None, "line": None}],
-            )
+            _fail(batch_id, [batch_error("input_file_missing", msg)])
             return
         result = _insert_lines(session, batch, path, settings)
         if result.errors:
@@ -167,22 +157,15 @@ def ingest_batch(batch_id: str) -> None:
             _fail(batch_id, result.errors)
             return
         models = list(result.by_model)
-        claimed = session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status == VALIDATING)
-            .values(total=result.total, model=models[0] if len(models) == 1 else None)
-        )
-        if not claimed.rowcount:  # type: ignore[attr-defined]
+        model = models[0] if len(models) == 1 else None
+        if not record_ingested(session, batch_id, result.total, model):
             session.rollback()  # cancelled while we read the file: insert nothing
             return
         session.commit()
     except Exception as exc:
         session.rollback()
         log.exception("ingesting batch %s failed", batch_id)
-        _fail(
-            batch_id,
-            [{"code": "internal_error", "message": str(exc)[:500], "param": None, "line": None}],
-        )
+        _fail(batch_id, [batch_error("internal_error", str(exc)[:500])])
         return
     finally:
         session.close()
@@ -191,34 +174,8 @@ def ingest_batch(batch_id: str) -> None:
 
 def _enqueue(batch_id: str, result: Ingested, settings: Settings) -> None:
     # If this fails (broker down), the batch stays `validating` and advance_batch re-sends
-    # the messages once it is stale (see batches._recover_validating).
-    enqueue_lines(result.by_model, settings)
-    t = now()
+    # the messages once it is stale (see state._recover_validating).
+    send_lines(result.by_model, settings)
     with session_scope() as session:
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status == VALIDATING)
-            .values(status=IN_PROGRESS, in_progress_at=t)
-        )
+        start_batch(session, batch_id, now())
     log.info("batch %s: %d lines enqueued", batch_id, result.total)
-
-
-# --- retry_failed -----------------------------------------------------------------------------
-
-
-def retry_lines(session: Session, batch: Batch, chunk: int = INSERT_CHUNK) -> Iterator[bytes]:
-    """The input lines of a batch's failed and never-run requests, in line order."""
-    after = ""
-    while True:
-        rows = session.execute(
-            select(Job.id, Job.custom_id, Job.body)
-            .where(Job.batch_id == batch.id, Job.id > after, Job.status.in_(RETRY_STATUSES))
-            .order_by(Job.id)
-            .limit(chunk)
-        ).all()
-        if not rows:
-            return
-        for _job_id, custom_id, body in rows:
-            line = {"custom_id": custom_id, "method": "POST", "url": batch.endpoint, "body": body}
-            yield json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        after = rows[-1][0]

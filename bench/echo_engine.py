@@ -1,7 +1,8 @@
-"""A TEST-ONLY backend that echoes the prompt back: no weights, no tokenizer, no torch compute.
+"""A benchmark-only backend that echoes the prompt back: no weights, no tokenizer, no compute.
 
-Registry path `echo:` (e.g. `LMQUEUE_MODELS="null=echo:"`). bench/bulk.py uses it to measure
-the queueing path alone (API -> Redis -> worker -> result store); never use it to serve.
+bench/bulk.py measures the queueing path alone (API -> Redis -> worker -> result store) with it.
+It is not part of the product: a worker only uses it when started through `bench.echo_worker`,
+which installs it with `worker.runtime.set_backend_factory`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from lmqueue.schemas import CompletionBody
 from worker.gen_types import GenRequest, GenResult, RequestError
 from worker.requests import gen_request
 from worker.slot_engine import StepOutput
-
-ECHO_PREFIX = "echo:"
 
 
 class _ByteEncoder:

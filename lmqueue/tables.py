@@ -39,6 +39,7 @@ class JobStatus:
     CANCELLED = "cancelled"
 
     ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+    OPEN = (QUEUED, RUNNING)
     TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -52,7 +53,7 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_batch_id_id", "batch_id", "id"),  # a batch's lines in order (0002)
         Index("ix_jobs_owner_id", "owner", "id"),
-        # Admission control: backlog per key, and each model's drain rate (finished lately).
+        # Admission control: open jobs per key, and each model's drain rate (finished lately).
         Index("ix_jobs_owner_status", "owner", "status"),
         Index("ix_jobs_model_finished_at", "model", "finished_at"),
     )

@@ -8,7 +8,7 @@ one goes to the error file with its HTTP-like status and `{"error": {...}}` body
 never ran (cancelled or expired batch) goes there with `response: null` and an `error` whose
 code is `batch_cancelled` or `batch_expired`.
 
-Lines come in job id order, which is input line order (see batch_ingest.line_job_id).
+Lines come in job id order, which is input line order (see ingest.line_job_id).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from lmqueue.db import session_scope
-from lmqueue.models import Job, JobStatus
+from lmqueue.errors import INVALID_REQUEST, SERVER_ERROR, line_error
+from lmqueue.tables import Job, JobStatus
 
 OUTPUT_STATUSES = (JobStatus.SUCCEEDED,)
 ERROR_STATUSES = (JobStatus.FAILED, JobStatus.CANCELLED)
@@ -49,10 +50,10 @@ def output_line(
         code = err.get("code")
         code = code if code in CANCELLED_MESSAGE else "batch_cancelled"
         line["response"] = None
-        line["error"] = {"code": code, "message": CANCELLED_MESSAGE[code]}
+        line["error"] = line_error(code, CANCELLED_MESSAGE[code])
         return line
     status_code = int(err.pop("status_code", 500) or 500)
-    err.setdefault("type", "invalid_request_error" if status_code < 500 else "server_error")
+    err.setdefault("type", INVALID_REQUEST if status_code < 500 else SERVER_ERROR)
     line["response"] = {"status_code": status_code, "request_id": job_id, "body": {"error": err}}
     line["error"] = None
     return line

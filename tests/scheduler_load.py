@@ -12,13 +12,13 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from cli.stack import Stack
 from lmqueue.broker import celery_config, reset_producer
 from lmqueue.contract import TASK_PROCESS_JOBS, celery_priority
 from lmqueue.db import dispose_engines
-from lmqueue.jobs import mark_enqueued
-from lmqueue.models import Job, JobStatus, new_id
 from lmqueue.settings import Settings, reset_settings
-from tests.stack import Stack
+from lmqueue.tables import Job, JobStatus, new_id
+from lmqueue.transitions import mark_enqueued
 
 
 def producer_for(stack: Stack) -> Celery:

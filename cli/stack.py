@@ -1,5 +1,5 @@
-"""A running lmqueue stack for tests: migrated database, API server and worker processes,
-all real, talking to a real Redis."""
+"""A running lmqueue stack for tests and benchmarks: migrated database, API server, worker and
+scheduler processes, all real, talking to a real Redis."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import redis
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
+from cli.procs import Proc, free_port, python_argv, wait_until
+from lmqueue.commands import worker_argv
 from lmqueue.contract import queue_name, redis_queue_keys
 from lmqueue.migrate import upgrade_head
-from lmqueue.models import Job, JobStatus
-from tests.services import Proc, free_port, python_argv, wait_until
+from lmqueue.tables import Job, JobStatus
 
 TERMINAL = set(JobStatus.TERMINAL)
 
@@ -30,6 +31,9 @@ class Stack:
     models: dict[str, Path]
     log_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The program workers run with `python -m` (lmqueue.commands.worker_argv): a bench passes a
+    # wrapper that installs a stand-in engine; production workers always run plain Celery.
+    worker_module: str = "celery"
     queue_prefix: str = field(default_factory=lambda: f"lmqtest{os.getpid()}x{os.urandom(3).hex()}")
     api: Proc | None = None
     workers: list[Proc] = field(default_factory=list)
@@ -106,15 +110,13 @@ class Stack:
         env: dict[str, str] | None = None,
         wait_ready: bool = True,
     ) -> Proc:
-        from lmqueue.cli import worker_argv
-
         worker_env = {
             **self.env,
             "LMQUEUE_QUEUE_PREFIX": self.queue_prefix,
             "LMQUEUE_WORKER_MODEL": model,
             **(env or {}),
         }
-        argv = worker_argv(model, concurrency, queue=self.queue(model))
+        argv = worker_argv(model, concurrency, queue=self.queue(model), module=self.worker_module)
         argv[argv.index("--loglevel") + 1] = "INFO"
         proc = Proc(f"worker-{model}", argv, worker_env, self.log_dir)
         self.workers.append(proc)
@@ -126,7 +128,7 @@ class Stack:
         """The scheduler process (`lmqueue scheduler`); its workers log into its own log."""
         proc = Proc(
             "scheduler",
-            python_argv("-m", "lmqueue.cli", "scheduler"),
+            python_argv("-m", "cli", "scheduler"),
             {**self.env, "LMQUEUE_SCHEDULER_METRICS_PORT": "0", **(env or {})},
             self.log_dir,
         )

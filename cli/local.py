@@ -12,11 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lmqueue.embedded import EmbeddedRedis, ensure_redis
+from cli.embedded import EmbeddedRedis, ensure_redis
+from cli.supervisor import Supervisor
+from lmqueue.commands import flower_argv
 from lmqueue.migrate import upgrade_head
 from lmqueue.registry import get_registry
 from lmqueue.settings import get_settings, reset_settings
-from lmqueue.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,10 @@ def run_local_stack(port: int | None, flower: bool, workers: int) -> int:
 def _supervise(
     env: dict[str, str], port: int, flower: bool, workers: int, embedded: EmbeddedRedis | None
 ) -> int:
-    from lmqueue.cli import flower_argv
-
     settings = get_settings()
     sup = Supervisor(env)
     try:
-        sup.spawn("api", [sys.executable, "-m", "lmqueue.cli", "api", "--port", str(port)])
+        sup.spawn("api", [sys.executable, "-m", "cli", "api", "--port", str(port)])
         if flower:
             sup.spawn("flower", flower_argv(settings.flower_port))
         # The scheduler owns the workers: it starts `workers` per model at once and scales up
@@ -68,7 +67,7 @@ def _supervise(
         # cannot see while it loads, and the scheduler would start another on top of it.
         sup.spawn(
             "scheduler",
-            [sys.executable, "-m", "lmqueue.cli", "scheduler"],
+            [sys.executable, "-m", "cli", "scheduler"],
             env={
                 **env,
                 "LMQUEUE_SCHEDULER_BACKEND": "local",

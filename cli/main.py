@@ -1,4 +1,5 @@
-"""The `lmqueue` command line: run the stack or its parts, and talk to a running API."""
+"""The `lmqueue` command line (also `python -m cli`): run the stack or its parts, and talk to a
+running API."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmqueue.cli_batch import add_batch_commands
-from lmqueue.client import api_client, checked
-from lmqueue.keys_cli import add_keys_commands
+from cli.batch import add_batch_commands
+from cli.client import api_client, checked
+from cli.keys import add_keys_commands
+from lmqueue.commands import flower_argv, worker_argv
 from lmqueue.settings import get_settings
 from scheduler.main import add_scheduler_commands
 
@@ -52,33 +54,6 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(model: str, concurrency: int, queue: str | None = None) -> list[str]:
-    from lmqueue.contract import queue_name
-
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--pool",
-        "threads",
-        "--concurrency",
-        str(concurrency),
-        "--prefetch-multiplier",
-        "1",
-        "--queues",
-        queue or queue_name(model),
-        "--hostname",
-        f"{model.replace('/', '_')}-%h-{os.getpid()}@%h",
-        "--loglevel",
-        "INFO",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     from lmqueue.registry import get_registry
 
@@ -91,19 +66,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = worker_argv(model, args.concurrency or s.effective_concurrency())
     # exec, not a child: SIGTERM (docker stop) must reach Celery for its warm shutdown.
     os.execve(argv[0], argv, env)
-
-
-def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "flower",
-        f"--port={port}",
-        f"--address={address}",
-    ]
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
@@ -124,7 +86,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from lmqueue.local import run_local_stack
+    from cli.local import run_local_stack
 
     return run_local_stack(port=args.port, flower=not args.no_flower, workers=args.workers)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.services import python_argv
-from tests.stack import Stack
+from cli.procs import python_argv
+from cli.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def lmqueue_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `lmqueue` CLI against the stack's database (env overrides the stack's)."""
     return subprocess.run(
-        python_argv("-m", "lmqueue.cli", *args),
+        python_argv("-m", "cli", *args),
         env={**stack.env, **(env or {})},
         cwd=ROOT,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Real services for tests: Redis (or an embedded one), databases, API and worker processes."""
+"""Child processes and scratch databases for test and benchmark stacks (see cli.stack)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def wait_until(
@@ -45,35 +43,15 @@ def free_port() -> int:
 # --- Postgres ---------------------------------------------------------------------------------
 
 
-def postgres_admin_url() -> str | None:
-    """TEST_POSTGRES_URL, else DATABASE_URL if it is Postgres, else the local default if it
-    answers. In CI a missing server is an error, never a skip."""
-    url = os.environ.get("TEST_POSTGRES_URL") or os.environ.get("DATABASE_URL", "")
-    if not url.startswith("postgresql"):
-        url = DEFAULT_PG
-    try:
-        engine = create_engine(url)
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-        engine.dispose()
-        return url
-    except Exception as exc:
-        if os.environ.get("CI"):
-            raise RuntimeError(f"CI needs PostgreSQL at {url}: {exc}") from exc
-        return None
-
-
 @contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    admin = postgres_admin_url()
-    if admin is None:
-        pytest.skip("no PostgreSQL reachable (set TEST_POSTGRES_URL); CI always runs these")
+def scratch_postgres_database(admin_url: str) -> Iterator[str]:
+    """A new, empty database on the server of `admin_url`; dropped at the end."""
     name = f"lmq_test_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with engine.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

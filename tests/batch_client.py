@@ -9,8 +9,8 @@ from typing import Any
 
 from openai import OpenAI
 
-from tests.services import wait_until
-from tests.stack import Stack, running
+from cli.procs import wait_until
+from cli.stack import Stack, running
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 # Small limits so the limit tests stay small; the defaults are 50,000 lines and 200 MB.

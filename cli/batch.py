@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import httpx
 
-from lmqueue.client import api_client, checked
+from cli.client import api_client, checked
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.orm import Session
 
-from lmqueue.models import ScalingEvent, WorkerRecord, now
 from lmqueue.settings import Settings
+from lmqueue.tables import ScalingEvent, WorkerRecord, now
 
 # Worker record states: `up` (heartbeating), `down` (clean shutdown), `lost` (the scheduler saw
 # the process die). `lost` lets recovery act at once instead of waiting for heartbeat silence.
@@ -22,6 +22,16 @@ WORKER_UP, WORKER_DOWN, WORKER_LOST = "up", "down", "lost"
 def dead_after_s(settings: Settings) -> float:
     """Heartbeat silence after which a worker counts as dead."""
     return settings.worker_dead_after_s or 3 * settings.heartbeat_s
+
+
+def dead_workers(t: float, settings: Settings) -> Select[Any]:
+    """Hostnames of workers that are down, lost, or silent for `dead_after_s` before `t`."""
+    return select(WorkerRecord.hostname).where(
+        or_(
+            WorkerRecord.status.in_([WORKER_DOWN, WORKER_LOST]),
+            WorkerRecord.heartbeat_at < t - dead_after_s(settings),
+        )
+    )
 
 
 def record_scaling_event(

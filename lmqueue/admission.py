@@ -1,4 +1,5 @@
-"""Backlog counts and admission control: refuse work beyond a maximum backlog per key and model.
+"""Admission control: refuse work beyond a maximum of open (queued + running) jobs per key and
+per model.
 
 Counts come from the store (queued + running jobs, on indexes (owner, status) and
 (status, model)) and are cached for `admission_cache_s`; each admitted job bumps the cached count,
@@ -17,33 +18,22 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lmqueue.models import Job, JobStatus
 from lmqueue.settings import Settings
+from lmqueue.tables import Job, JobStatus
 
-ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 DRAIN_WINDOW_S = 60.0
 NO_DRAIN_RETRY_S = 60  # nothing finished lately (no worker yet?): ask again in a minute
 MAX_RETRY_S = 3600
 
 
-def backlog_of_owner(session: Session, owner: str) -> int:
-    stmt = select(func.count()).where(Job.owner == owner, Job.status.in_(ACTIVE))
+def open_jobs_of_owner(session: Session, owner: str) -> int:
+    stmt = select(func.count()).where(Job.owner == owner, Job.status.in_(JobStatus.OPEN))
     return int(session.scalar(stmt) or 0)
 
 
-def backlog_of_model(session: Session, model: str) -> int:
-    stmt = select(func.count()).where(Job.status.in_(ACTIVE), Job.model == model)
+def open_jobs_of_model(session: Session, model: str) -> int:
+    stmt = select(func.count()).where(Job.status.in_(JobStatus.OPEN), Job.model == model)
     return int(session.scalar(stmt) or 0)
-
-
-def active_counts(session: Session) -> dict[tuple[str, str], int]:
-    """{(model, status): n} for queued and running jobs (for the queue-depth metrics)."""
-    stmt = (
-        select(Job.model, Job.status, func.count())
-        .where(Job.status.in_(ACTIVE))
-        .group_by(Job.model, Job.status)
-    )
-    return {(m, s): int(n) for m, s, n in session.execute(stmt)}
 
 
 def drain_rate(session: Session, model: str, window_s: float = DRAIN_WINDOW_S) -> float:
@@ -62,13 +52,13 @@ def retry_after_s(excess: int, rate_per_s: float) -> int:
 
 @dataclass(frozen=True)
 class Rejection:
-    limit: str  # "key" or "model": which backlog is full
+    limit: str  # "key" or "model": which limit is reached
     message: str
     retry_after_s: int
 
 
 class Admission:
-    """Per-process admission state: briefly cached backlog counts."""
+    """Per-process admission state: briefly cached open-job counts."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -80,7 +70,11 @@ class Admission:
             cached = self._counts.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        n = backlog_of_owner(session, name) if kind == "key" else backlog_of_model(session, name)
+        n = (
+            open_jobs_of_owner(session, name)
+            if kind == "key"
+            else open_jobs_of_model(session, name)
+        )
         with self._lock:
             self._counts[key] = (n, time.monotonic() + ttl_s)
         return n
@@ -91,17 +85,17 @@ class Admission:
         """None if `n` more jobs of `owner` for `model` fit; else why not and when to retry."""
         ttl = settings.admission_cache_s
         limits = (
-            ("key", owner, settings.max_backlog_per_key, "this API key"),
-            ("model", model, settings.max_backlog_per_model, f"model {model!r}"),
+            ("key", owner, settings.max_open_jobs_per_key, "this API key"),
+            ("model", model, settings.max_open_jobs_per_model, f"model {model!r}"),
         )
         for kind, name, limit, what in limits:
             if not limit:
                 continue
-            backlog = self._count(session, kind, name, ttl)
-            if backlog + n > limit:
-                wait = retry_after_s(backlog + n - limit, drain_rate(session, model))
+            open_jobs = self._count(session, kind, name, ttl)
+            if open_jobs + n > limit:
+                wait = retry_after_s(open_jobs + n - limit, drain_rate(session, model))
                 message = (
-                    f"{what} has {backlog} jobs queued or running; the limit is {limit}. "
+                    f"{what} has {open_jobs} jobs queued or running; the limit is {limit}. "
                     f"Retry in about {wait} s"
                 )
                 return Rejection(kind, message, wait)

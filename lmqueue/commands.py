@@ -1,0 +1,56 @@
+"""Process command lines of the queue's consumers (a Celery worker, Flower).
+
+They belong with the queue contract: whoever starts a worker (the CLI, the scheduler's local
+backend, the test stack) starts the same process with the same options.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lmqueue.contract import queue_name
+
+CELERY_APP = "worker.celery_app"
+
+
+def worker_argv(
+    model: str, concurrency: int, queue: str | None = None, module: str = "celery"
+) -> list[str]:
+    """`python -m celery ... worker` for one model's queue. `module` is the program run with
+    `python -m`: tests and benches pass a wrapper that installs a stand-in engine first."""
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "-A",
+        CELERY_APP,
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--queues",
+        queue or queue_name(model),
+        "--hostname",
+        f"{model.replace('/', '_')}-%h-{os.getpid()}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+
+
+def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        CELERY_APP,
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+    ]
