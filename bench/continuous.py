@@ -96,7 +96,7 @@ def run_pipeline(
 
     tok = engine.tokenizer
     pipe = pipeline("text-generation", model=engine.model, tokenizer=tok)
-    pipe.tokenizer.padding_side = "left"
+    tok.padding_side = "left"  # the pipeline pads with this tokenizer
 
     def run(rs: list[GenRequest], n: int) -> int:
         made = 0

@@ -26,6 +26,7 @@ import sysconfig
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ def part_prefix(engine: Engine, args: argparse.Namespace) -> None:
         for _ in range(args.repeats):
             for mode, policy in (("off", NO_REUSE), ("on", PrefixPolicy(min_tokens=1, min_rows=1))):
                 engine.prefix_policy = policy
-                outs[mode], t = clock(lambda reqs=reqs: engine.generate(reqs))
+                outs[mode], t = clock(partial(engine.generate, reqs))
                 times[mode] = min(times[mode], t)
         same = all(a.token_ids == b.token_ids for a, b in zip(outs["off"], outs["on"], strict=True))
         speedup = times["off"] / times["on"]
@@ -223,7 +224,7 @@ def part_quant(base: Engine, model_dir: Path, args: argparse.Namespace) -> None:
 
     def timed(engine: Engine) -> tuple[list[GenResult], float]:
         engine.generate(greedy(prompts[:2], 2))  # warm-up (kernel selection, lazy init)
-        best, out = float("inf"), []
+        best, out = float("inf"), list[Any]()
         for _ in range(args.repeats):
             out, t = clock(lambda: engine.generate(reqs))
             best = min(best, t)
