@@ -1,6 +1,6 @@
 """A real Celery worker process serving a model registered with `engine = "hf-paged"`
 (transformers' continuous batching behind the backend seam) completes real jobs: greedy text
-equal to plain transformers, stop strings, and per-row refusals naming the field."""
+equal to plain transformers, stop strings, chat, and per-row refusals naming the field."""
 
 from __future__ import annotations
 
@@ -80,7 +80,22 @@ def test_hf_paged_worker_stops_and_refuses(paged_stack: Stack, tiny_model_dir: P
         )
         sampled = submit(client, {"prompt": prompt, "max_tokens": 4})  # OpenAI default: 1.0
         seeded = submit(client, {"prompt": prompt, "max_tokens": 4, "temperature": 0, "seed": 7})
-        done = {i: paged_stack.wait_job(client, i) for i in (stopped, sampled, seeded)}
+        chat = client.post(
+            "/v1/jobs",
+            json={
+                "model": "paged",
+                "endpoint": "/v1/chat/completions",
+                "body": {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5,
+                    "temperature": 0,
+                },
+            },
+        ).json()["id"]
+        done = {i: paged_stack.wait_job(client, i) for i in (stopped, sampled, seeded, chat)}
+    assert done[chat]["status"] == "succeeded", done[chat]
+    assert done[chat]["response"]["object"] == "chat.completion"
+    assert 1 <= done[chat]["response"]["usage"]["completion_tokens"] <= 5
     choice = done[stopped]["response"]["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert choice["text"] == full[: full.find(stop)]
