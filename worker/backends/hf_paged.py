@@ -39,6 +39,11 @@ ENGINE = "hf-paged"
 HONOURED = {"prompt_ids", "max_tokens", "stop", "stream", "temperature", "top_p"}
 POLL_S = 0.05  # the longest one step waits for the manager's next output
 PAGE_SIZE = 64  # tokens per KV page
+# On CPU the KV pages are sized for every slot at min(max_context, this) tokens: transformers
+# would otherwise take 60% of the machine's free RAM. A longer row still runs (the manager
+# evicts and recomputes rows when its pages run out). On CUDA transformers sizes the pages
+# from free device memory itself.
+CPU_TOKENS_PER_ROW = 2048
 
 
 class HFPagedBackend:
@@ -111,7 +116,8 @@ class HFPagedBackend:
             list(req.prompt_ids),
             request_id=rid,
             max_new_tokens=limit,
-            streaming=True,
+            # Token by token only where we watch the text: per-token outputs cost Python time.
+            streaming=bool(req.stop or req.stream),
             eos_token_id=sorted(self.engine.eos_ids) or -1,
         )
         self.engine.stats.rows += 1
@@ -236,11 +242,12 @@ class HFPagedBackend:
         from transformers.generation import ContinuousBatchingConfig
 
         eng = self.engine
-        pages_per_row = -(-eng.max_context // PAGE_SIZE)
+        num_blocks = None
+        if eng.device.type == "cpu":
+            num_blocks = self.slots * -(-min(eng.max_context, CPU_TOKENS_PER_ROW) // PAGE_SIZE) + 1
         cb_config = ContinuousBatchingConfig(
             page_size=PAGE_SIZE,
-            # Room for every slot at full context, so a request never waits for pages.
-            num_blocks=self.slots * pages_per_row + 1,
+            num_blocks=num_blocks,
             max_batch_tokens=self.prefill_budget + self.slots,
             max_requests_per_batch=self.slots,
             # Our rows come one by one; prefix sharing between them is the slot loop's feature.
