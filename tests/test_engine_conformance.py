@@ -217,3 +217,13 @@ def test_bad_rows_fail_alone(backend: Backend, reference: Engine) -> None:
     err, res = run_all(backend, [too_long, good])
     assert isinstance(err, RequestError) and err.code == "context_length_exceeded"
     assert ok(res).token_ids == greedy(reference, good.prompt_ids, 4)
+
+
+def test_a_failed_row_in_the_engine_is_a_server_error() -> None:
+    """hf-paged reports a request the manager failed as `engine_error`: a 500, not a 400."""
+    from worker.loop_parts import finished_outcome
+
+    err = RequestError("engine_error", "hf-paged failed this request: boom")
+    outcome = finished_outcome("j1", "/v1/completions", "tiny", err)
+    assert outcome.error is not None
+    assert (outcome.error["status_code"], outcome.error["type"]) == (500, "server_error")
