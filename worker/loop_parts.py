@@ -16,6 +16,8 @@ from worker.slot_engine import StepOutput
 # Called once per step with the new text of every streaming row (a no-op by default): the
 # streaming publisher plugs in here without touching the loop.
 TokenHook = Callable[[list[TokenEvent]], None]
+# Per-row errors that are the worker's fault, not the request's (stored as 500s).
+SERVER_CODES = {"out_of_memory", "engine_error"}
 
 
 def finished_outcome(
@@ -32,7 +34,7 @@ def finished_outcome(
         o = Outcome(job_id, result=embedding_body(model, res))
         o.prompt_tokens, o.completion_tokens = res.prompt_tokens, 0
         return o
-    if res.code == "out_of_memory":
+    if res.code in SERVER_CODES:
         return Outcome(job_id, error=server_error(res.code, res.message))
     return Outcome(job_id, error=request_error(res))
 

@@ -73,7 +73,7 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     if spec.engine == "hf-paged":
         from worker.backends.hf_paged import HFPagedBackend
 
-        return HFPagedBackend(engine, slots)
+        return HFPagedBackend(engine, slots, spec.prefill_tokens(settings))
     return engine.slots(slots, spec.prefill_tokens(settings))
 
 
