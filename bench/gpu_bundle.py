@@ -60,8 +60,21 @@ def download(pins: list[Pin], dest: Path, python: str) -> None:
     if dest.exists():
         shutil.rmtree(dest)  # one version of each: a stale wheel would stop the offline install
     dest.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--python-version", python, "--implementation", "cp", "-d", str(dest), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+        "-q",
+    ]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     subprocess.run(cmd + [f"{p.name}=={p.version}" for p in pins], check=True)

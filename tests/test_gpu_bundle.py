@@ -29,8 +29,14 @@ ENTRIES = ["bench.gpu_check", "bench.gpu_paths"]
 RUNTIME = {"bitsandbytes": "the bnb-int8 / bnb-nf4 paths (transformers imports it)"}
 CARRY_LIMIT_MIB = 64.0
 # The GPU image's interpreter, for environment markers in the wheels' requirements.
-IMAGE_ENV = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
-             "platform_machine": "x86_64", "sys_platform": "linux", "platform_system": "Linux"}
+IMAGE_ENV: dict[str, str] = {
+    **default_environment(),
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "platform_machine": "x86_64",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+}
 
 
 def image_packages() -> dict[str, str | None]:
@@ -69,8 +75,11 @@ def imports_of(module: str, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
-                pkg = module.split(".")[: -node.level] if path.name != "__init__.py" else (
-                    module.split(".")[: len(module.split(".")) - node.level + 1])
+                pkg = (
+                    module.split(".")[: -node.level]
+                    if path.name != "__init__.py"
+                    else (module.split(".")[: len(module.split(".")) - node.level + 1])
+                )
                 base = ".".join(pkg + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
@@ -110,8 +119,10 @@ def test_the_gpu_runs_imports_resolve_on_the_image_plus_the_bundle() -> None:
         for dist in dists.get(top, [top]):
             if canonicalize_name(dist) not in bundle and canonicalize_name(dist) not in image:
                 missing[top] = dist
-    assert not missing, f"the GPU run imports packages neither on the image nor in the bundle: " \
+    assert not missing, (
+        f"the GPU run imports packages neither on the image nor in the bundle: "
         f"{missing} (reached through {sorted(m for m in modules if m.split('.')[0] != 'bench')})"
+    )
 
 
 def _requirements(name: str, version: str) -> list[Requirement] | None:
@@ -145,24 +156,33 @@ def test_the_bundles_own_dependencies_are_on_the_image_or_in_the_bundle() -> Non
             unchecked.append(name)
             continue
         for req in reqs:
-            env = {**IMAGE_ENV, "extra": ""}
+            env: dict[str, str] = {**IMAGE_ENV, "extra": ""}
             if req.marker is not None and not req.marker.evaluate(env):
                 continue  # an extra, or another platform / Python
             dep = canonicalize_name(req.name)
             have = pins.get(dep) or image.get(dep, "missing")
             if dep not in pins and dep not in image:
                 unmet.append(f"{name} needs {req} (not on the image, not in the bundle)")
-            elif have is not None and have != "missing" and not req.specifier.contains(
-                    have, prereleases=True):
-                unmet.append(f"{name} needs {req}; {'bundle' if dep in pins else 'image'} has "
-                             f"{have}")
+            elif (
+                have is not None
+                and have != "missing"
+                and not req.specifier.contains(have, prereleases=True)
+            ):
+                unmet.append(
+                    f"{name} needs {req}; {'bundle' if dep in pins else 'image'} has {have}"
+                )
     assert not unmet, unmet
     assert len(unchecked) < len(pins), f"no metadata to check: {unchecked}"
 
 
 def test_the_bundle_list_fits_the_carry_limit() -> None:
-    res = subprocess.run([sys.executable, "-m", "bench.gpu_bundle", "--list"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_bundle", "--list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert sum(p.size_mib for p in read_pins()) <= LIMIT_MIB
     pins = read_pins()
@@ -176,7 +196,12 @@ def test_a_built_bundle_and_the_working_tree_fit_one_device_call() -> None:
     names = {w.name.split("-")[0].lower() for w in folder.glob("*.whl")}
     assert names == {p.name.replace("-", "_").lower() for p in read_pins()}
     assert folder_mib(folder) <= LIMIT_MIB
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     tree = sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file()) / 2**20
     assert tree + folder_mib(folder) < CARRY_LIMIT_MIB, f"tree {tree:.1f} MiB + bundle"

@@ -281,14 +281,15 @@ class SlotEngine:
 
     def _requeue(self, rows: list[Row], exc: str, out: StepOutput) -> None:
         """Prefilled rows found no memory to join the slots: back to waiting, and the slot
-        count lowered to the live rows (1 when none: the buffers are then made anew, smaller)."""
+        count lowered to the live rows, or halved when none are live (the buffers are then
+        made anew, at the lower count)."""
         if not self.live and self.slots == 1:
             self._fail(rows[0], exc, out)  # alone, with nothing else holding memory
             rows = rows[1:]
         for row in reversed(rows):
             row.reset()
             self.waiting.appendleft(row)
-        self.slots = max(1, len(self.live))
+        self.slots = len(self.live) if self.live else max(1, self.slots // 2)
         self.cache.shrink(self.slots)
         log.warning(
             "out of memory joining the slots: %d rows wait, slots now %d", len(rows), self.slots
