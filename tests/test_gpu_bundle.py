@@ -30,7 +30,7 @@ RUNTIME = {"bitsandbytes": "the bnb-int8 / bnb-nf4 paths (transformers imports i
 CARRY_LIMIT_MIB = 64.0
 # The GPU image's interpreter, for environment markers in the wheels' requirements.
 IMAGE_ENV: dict[str, str] = {
-    **default_environment(),
+    **{k: str(v) for k, v in default_environment().items()},
     "python_version": "3.12",
     "python_full_version": "3.12.3",
     "platform_machine": "x86_64",
