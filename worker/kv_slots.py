@@ -165,6 +165,9 @@ class SlotCache:
         if self.geo.rows > slots:
             raise RuntimeError("shrink below the live rows")
         self.geo.slots = slots
+        if self.geo.rows == 0:  # nothing to keep: the next join allocates at the new size
+            for layer in self.layers:
+                layer.kbuf = layer.vbuf = None
 
     def _relayout(self, window: int, min_end: int = 0) -> None:
         """Copy the live window into fresh buffers with room to grow: at least `window` columns
@@ -176,19 +179,27 @@ class SlotCache:
             g.start = g.end = new_end  # nothing live to move
             return
         capacity = max(2 * max(window, new_end), g.capacity)
-        for layer in self.layers:
-            if layer.kbuf is None or layer.vbuf is None:
-                continue
-            layer.kbuf = _moved(layer.kbuf, g, new_end, capacity)
-            layer.vbuf = _moved(layer.vbuf, g, new_end, capacity)
+        # Every new buffer is made before any is swapped in: running out of memory half-way
+        # leaves the cache as it was (the loop then preempts rows and retries with fewer slots).
+        moved = [
+            (
+                layer,
+                _moved(layer.kbuf, g, new_end, capacity),
+                _moved(layer.vbuf, g, new_end, capacity),
+            )
+            for layer in self.layers
+            if layer.kbuf is not None and layer.vbuf is not None
+        ]
+        for layer, k, v in moved:
+            layer.kbuf, layer.vbuf = k, v
         g.capacity = capacity
         g.start, g.end = new_end - old_w, new_end
 
 
 def _moved(buf: torch.Tensor, g: SlotGeometry, new_end: int, capacity: int) -> torch.Tensor:
-    """buf [slots, H, C, D] -> a zeroed [slots, H, capacity, D] holding the live rows' window
-    so that it ends at `new_end`."""
-    out = buf.new_zeros((buf.shape[0], buf.shape[1], capacity, buf.shape[3]))
+    """buf [S, H, C, D] -> a zeroed [slots, H, capacity, D] holding the live rows' window
+    so that it ends at `new_end` (slots, not S: after a preemption lowered them, less memory)."""
+    out = buf.new_zeros((g.slots, buf.shape[1], capacity, buf.shape[3]))
     w = g.window
     out[: g.rows, :, new_end - w : new_end] = buf[: g.rows, :, g.start : g.end]
     return out

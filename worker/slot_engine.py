@@ -19,6 +19,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -179,19 +180,30 @@ class SlotEngine:
         rows = [p.row for p in ready]
         logits = torch.stack([p.logits for p in ready])  # [b, V]
         self._sample(rows, logits, out)
-        for p in ready:
+        for n, p in enumerate(ready):
             p.row.admitted_step = self.steps
             if p.row.finished:
                 continue
-            self.cache.join(p.kv)
+            # The first join allocates the slot buffers and a long row moves them: allocations
+            # that can run out of memory; the rows not yet joined then wait for fewer slots.
+            res = self._try(partial(self.cache.join, p.kv), out)
+            if isinstance(res, _Failed):
+                self._requeue([q.row for q in ready[n:] if not q.row.finished], res.exc, out)
+                return
             self.live.append(p.row)
 
     def _decode(self, out: StepOutput) -> None:
         eng = self.engine
         tok = torch.tensor([[r.tokens[-1]] for r in self.live], device=eng.device)  # [n, 1]
-        self.cache.reserve(1)
-        mask, pos = self.cache.mask_and_positions(1, eng.device)  # [n, W + 1], [n, 1]
-        res = self._try(lambda: eng.forward(tok, mask, pos, self.cache.cache), out)
+
+        def forward() -> torch.Tensor:
+            # reserve() may move the KV into bigger buffers: an allocation that can run out of
+            # memory like the forward itself, so it is preempted the same way.
+            self.cache.reserve(1)
+            mask, pos = self.cache.mask_and_positions(1, eng.device)  # [n, W + 1], [n, 1]
+            return eng.forward(tok, mask, pos, self.cache.cache)
+
+        res = self._try(forward, out)
         if isinstance(res, _Failed):
             self._preempt(res.exc, out)
             return
@@ -265,6 +277,22 @@ class SlotEngine:
             len(self.live) + len(rows),
             len(rows),
             self.slots,
+        )
+
+    def _requeue(self, rows: list[Row], exc: str, out: StepOutput) -> None:
+        """Prefilled rows found no memory to join the slots: back to waiting, and the slot
+        count lowered to the live rows, or halved when none are live (the buffers are then
+        made anew, at the lower count)."""
+        if not self.live and self.slots == 1:
+            self._fail(rows[0], exc, out)  # alone, with nothing else holding memory
+            rows = rows[1:]
+        for row in reversed(rows):
+            row.reset()
+            self.waiting.appendleft(row)
+        self.slots = len(self.live) if self.live else max(1, self.slots // 2)
+        self.cache.shrink(self.slots)
+        log.warning(
+            "out of memory joining the slots: %d rows wait, slots now %d", len(rows), self.slots
         )
 
     def _fail(self, row: Row, exc: str, out: StepOutput) -> None:
