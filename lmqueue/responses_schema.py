@@ -88,14 +88,12 @@ class ResponsesBody(_Body):
 
     def to_chat(self) -> ChatBody:
         """The same request as a chat completion (instructions become a system message)."""
-        items = (
-            [InputMessage(role="user", content=self.input)]
-            if isinstance(self.input, str)
-            else self.input
-        )
-        messages = (
-            [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
-        )
+        items = self.input
+        if isinstance(items, str):
+            items = [InputMessage(role="user", content=items)]
+        messages = []
+        if self.instructions:
+            messages.append(ChatMessage(role="system", content=self.instructions))
         messages += [ChatMessage(role=m.role, content=m.content) for m in items]
         fmt = self.text.format if self.text else None
         return ChatBody(

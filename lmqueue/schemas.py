@@ -45,10 +45,10 @@ class _Body(BaseModel):
     @model_validator(mode="after")
     def _refused(self) -> _Body:
         for name, info in type(self).model_fields.items():
-            reason = (info.description or "").removeprefix("refused: ")
-            if info.description and info.description.startswith("refused: "):
-                if getattr(self, name) not in (None, False, [], {}):
-                    raise ValueError(_Named(name, reason))
+            refused = (info.description or "").startswith("refused: ")
+            if refused and getattr(self, name) not in (None, False, [], {}):
+                reason = (info.description or "").removeprefix("refused: ")
+                raise ValueError(_Named(name, reason))
         return self
 
 

@@ -50,6 +50,7 @@ class GenResult:
     index: int = 0  # which of the request's n choices
     siblings: list[GenResult] = field(default_factory=list)  # choices 1..n-1 (n > 1)
     reply: dict[str, Any] = field(default_factory=dict)  # the request's GenRequest.reply
+    echoed: int = 0  # characters of `text` that are the echoed prompt (completions echo)
 
     def choices(self) -> list[GenResult]:
         return [self, *self.siblings]
@@ -64,6 +65,9 @@ class TokenLogprob:
     token: int
     logprob: float
     top: list[tuple[int, float]]
+    # The tokens as text (filled when the result is built: rows.result).
+    text: str = ""
+    top_text: list[str] = field(default_factory=list)
 
 
 class RequestError(Exception):

@@ -37,7 +37,7 @@ def gen_request(encoder: Encoder, endpoint: str, body: dict[str, Any]) -> GenReq
         raise RequestError("unsupported_endpoint", f"a generation model does not serve {endpoint}")
     if isinstance(typed, CompletionBody):
         max_tokens, logprobs = typed.max_tokens, typed.logprobs
-        echo = typed.prompt if typed.echo else ""
+        echo = str(typed.prompt) if typed.echo else ""  # the validator made it one string
     else:
         max_tokens, logprobs, echo = typed.new_tokens(), typed.top_n(), ""
     key = grammar_key(typed.response_format)

@@ -157,9 +157,10 @@ def result(row: Row, decode: Decode) -> GenResult | RequestError:
         cached_tokens=row.cached_tokens,
         admitted_step=row.admitted_step,
         batch_rows=row.batch_rows,
-        logprobs=list(row.logprobs) if row.req.logprobs is not None else None,
+        logprobs=_spelled(row.logprobs, decode) if row.req.logprobs is not None else None,
         index=row.index,
         reply=row.req.reply,
+        echoed=len(row.req.echo_text),
     )
 
 
@@ -167,3 +168,11 @@ def find_stop(text: str, stops: list[str], start: int) -> int:
     """Index of the earliest occurrence of any stop string at or after `start`, or -1."""
     hits = [k for k in (text.find(s, start) for s in stops) if k >= 0]
     return min(hits, default=-1)
+
+
+def _spelled(entries: list[TokenLogprob], decode: Decode) -> list[TokenLogprob]:
+    """Logprob entries with each token's own text (a token alone may be part of a character)."""
+    for e in entries:
+        e.text = decode([e.token])
+        e.top_text = [decode([t]) for t, _ in e.top]
+    return list(entries)
