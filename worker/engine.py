@@ -144,7 +144,7 @@ class Engine(PromptEncoder):
 
         A request that can never run (context too long, empty prompt) gets its RequestError and
         the others still run. Device errors other than out of memory propagate."""
-        loop = self.slots(max(1, len(requests)), prefill_budget=1 << 62)
+        loop = self.slots(max(1, sum(max(1, r.n) for r in requests)), prefill_budget=1 << 62)
         results: dict[str, Outcome] = {}
         for i, req in enumerate(requests):
             err = loop.admit(str(i), req)

@@ -40,7 +40,10 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> Sampled:
     bad = logits.isnan().any(-1) | logits.isposinf().any(-1) | ~logits.isfinite().any(-1)
     logits = torch.where(bad[:, None], torch.zeros_like(logits), logits)  # [B, V], a copy
     matchers = [r.matcher for r in rows]
-    constrained = structured.mask(logits, matchers)
+    constrained = []
+    grammar = next((r.req.grammar for r in rows if r.matcher is not None), None)
+    if grammar is not None:
+        constrained = structured.mask(logits, matchers, grammar.control)
     penalties.apply_bias(logits, rows)
     penalised = penalties.apply_penalties(logits, rows)
     want = [b for b, r in enumerate(rows) if r.req.logprobs is not None]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +24,9 @@ class Grammars:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()  # task threads prepare requests concurrently
         self.compiled = 0  # grammars compiled (cache misses), for tests and metrics
+        self._control: torch.Tensor | None = None
 
-    def compile(self, key: str, param: str = "response_format") -> Any:
+    def compile(self, key: str, param: str = "response_format") -> Constraint:
         """The compiled grammar of a grammar key (lmqueue.formats.grammar_key)."""
         with self._lock:
             if key in self._cache:
@@ -41,6 +43,7 @@ class Grammars:
                     "invalid_schema", f"the JSON schema cannot be compiled: {exc}", param
                 ) from exc
             self.compiled += 1
+            grammar = Constraint(grammar, self.control_tokens())
             self._cache[key] = grammar
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -62,16 +65,36 @@ class Grammars:
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         return self._compiler
 
+    def control_tokens(self) -> torch.Tensor:
+        """[V] bool: tokens whose text holds a control character. xgrammar lets raw control
+        characters into JSON strings, which strict JSON parsers refuse; with no free whitespace
+        no constrained output needs them, so they are masked too."""
+        if self._control is None:
+            texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
+            bad = torch.zeros(self.vocab_size, dtype=torch.bool)
+            for i, text in enumerate(texts[: self.vocab_size]):
+                bad[i] = i not in self.stop_ids and any(ord(c) < 0x20 for c in text)
+            self._control = bad
+        return self._control
 
-def new_matcher(grammar: Any) -> Any:
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a structured-output request carries (GenRequest.grammar)."""
+
+    compiled: Any  # xgrammar.CompiledGrammar
+    control: torch.Tensor  # [V] bool, Grammars.control_tokens
+
+
+def new_matcher(grammar: Constraint) -> Any:
     import xgrammar as xgr
 
-    return xgr.GrammarMatcher(grammar)
+    return xgr.GrammarMatcher(grammar.compiled)
 
 
-def mask(logits: torch.Tensor, matchers: list[Any]) -> list[int]:
-    """Mask every constrained row's disallowed tokens to -inf (in place, [B, V]); returns the
-    constrained rows' batch indices."""
+def mask(logits: torch.Tensor, matchers: list[Any], control: torch.Tensor) -> list[int]:
+    """Mask every constrained row's disallowed tokens to -inf (in place, [B, V]), and the
+    control-character tokens ([V] bool); returns the constrained rows' batch indices."""
     idx = [b for b, m in enumerate(matchers) if m is not None]
     if not idx:
         return idx
@@ -81,6 +104,8 @@ def mask(logits: torch.Tensor, matchers: list[Any]) -> list[int]:
     for b in idx:  # the matcher walk is per row (xgrammar's own C++), the mask is batched
         matchers[b].fill_next_token_bitmask(bitmask, b)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=idx)
+    at = torch.tensor(idx, device=logits.device)
+    logits[at] = logits[at].masked_fill(control.to(logits.device), float("-inf"))
     return idx
 
 
