@@ -95,7 +95,22 @@ def describe_validation(errors: Sequence[Any], prefix: str = "") -> tuple[str, s
     parts, first = [], None
     for err in list(errors)[:5]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        msg = err.get("msg", "invalid")
+        # A model-level check that blames one field (lmqueue.schemas._Named) names that field.
+        named = _named_field(err)
+        if named is not None:
+            loc, msg = [*loc, named[0]], named[1]
+        elif err.get("type") == "extra_forbidden":
+            msg = "unknown field (not an OpenAI parameter lmqueue knows); remove it"
         field = ".".join(([prefix] if prefix else []) + loc) or prefix or "body"
         first = first or field
-        parts.append(f"{field}: {err.get('msg', 'invalid')}")
+        parts.append(f"{field}: {msg}")
     return "; ".join(parts) or "invalid request", first
+
+
+def _named_field(err: Any) -> tuple[str, str] | None:
+    """(field, reason) when a model-level check blamed one field, else None."""
+    exc = (err.get("ctx") or {}).get("error")
+    arg = exc.args[0] if isinstance(exc, Exception) and exc.args else None
+    field = getattr(arg, "field", None)
+    return (field, str(arg)) if isinstance(field, str) else None

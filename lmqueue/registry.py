@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmqueue.schemas import CHAT, COMPLETIONS, EMBEDDINGS
+from lmqueue.schemas import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from lmqueue.settings import Settings, get_settings
 
 Task = Literal["generate", "embed"]
@@ -46,7 +46,7 @@ class ModelSpec(BaseModel):
     def endpoints(self) -> tuple[str, ...]:
         if self.task == "embed":
             return (EMBEDDINGS,)
-        return (COMPLETIONS, CHAT)
+        return (COMPLETIONS, CHAT, RESPONSES)
 
     def batch_size(self, settings: Settings) -> int:
         return self.max_batch_size or settings.max_batch_size

@@ -1,7 +1,9 @@
 """OpenAI-shaped request bodies, validated by the API and re-read by the worker.
 
-Unknown fields are ignored (as OpenAI-compatible servers usually do), but fields that would
-change the meaning of a request and that lmqueue does not implement are rejected by name.
+Nothing is silently ignored: a field is either honoured, or refused with a 400 that names it.
+Unknown fields (a misspelling, a newer OpenAI field) are refused too (`extra="forbid"`), and
+OpenAI fields lmqueue does not implement are declared only to refuse them with a reason
+(`_refuse`). The README's "OpenAI request contract" table lists every field's status.
 """
 
 from __future__ import annotations
@@ -10,28 +12,76 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmqueue.formats import ResponseFormat
+
 MAX_NEW_TOKENS = 4096
 DEFAULT_CHAT_MAX_TOKENS = 256
+MAX_N = 16  # choices per request: each one holds a decode slot
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 EMBEDDINGS = "/v1/embeddings"
-ENDPOINTS = (COMPLETIONS, CHAT, EMBEDDINGS)
+RESPONSES = "/v1/responses"
+ENDPOINTS = (COMPLETIONS, CHAT, EMBEDDINGS, RESPONSES)
+
+# Fields that identify the caller or hint at caching; they never change an answer.
+_ACCEPTED_IDS = ("user", "safety_identifier", "prompt_cache_key")
+
+
+def _refuse(reason: str) -> Any:
+    """A field declared only so that a non-empty value is refused by name with `reason`."""
+    return Field(default=None, description=f"refused: {reason}")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(min_length=1, max_length=200)
+    user: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _refused(self) -> _Body:
+        for name, info in type(self).model_fields.items():
+            refused = (info.description or "").startswith("refused: ")
+            if refused and getattr(self, name) not in (None, False, [], {}):
+                reason = (info.description or "").removeprefix("refused: ")
+                raise ValueError(_Named(name, reason))
+        return self
+
+
+class _Named(str):
+    """A refusal message that knows its field (errors.describe_validation reads `field`)."""
+
+    field: str
+
+    def __new__(cls, field: str, reason: str) -> _Named:
+        obj = super().__new__(cls, reason)
+        obj.field = field
+        return obj
 
 
 class SamplingFields(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, le=1_000_000)  # vLLM's extension; 0 or -1 = off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # vLLM's extension
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # vLLM's extension
+    logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
+    response_format: ResponseFormat | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    stream_options: Any = _refuse("only with stream, which a queued job does not do")
+    service_tier: Any = _refuse("lmqueue has one service tier")
+    store: Any = _refuse("lmqueue does not store completions for distillation")
+    metadata: Any = _refuse("lmqueue does not store completions (metadata is for store)")
 
     @field_validator("stop")
     @classmethod
@@ -44,13 +94,6 @@ class SamplingFields(_Body):
                 raise ValueError("stop sequences must be non-empty")
         return stops
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported; submit one job per sample")
-        return v
-
     @field_validator("stream")
     @classmethod
     def _stream(cls, v: bool) -> bool:
@@ -58,15 +101,40 @@ class SamplingFields(_Body):
             raise ValueError("streaming is not supported by a queued job; poll the job instead")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (non-negative integers), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_n(self) -> SamplingFields:
+        if self.stream and self.n > 1:
+            raise ValueError(_Named("n", "n > 1 cannot be streamed; drop stream or set n=1"))
+        return self
+
     def stop_list(self) -> list[str]:
         return list(self.stop or [])  # the validator already normalised it to a list
+
+    def bias(self) -> dict[int, float]:
+        return {int(k): float(b) for k, b in (self.logit_bias or {}).items()}
 
 
 class CompletionBody(SamplingFields):
     prompt: str | list[str]
     max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    best_of: int | None = None
+    suffix: Any = _refuse("insertion (suffix) is not supported")
 
     @field_validator("prompt")
     @classmethod
@@ -79,23 +147,17 @@ class CompletionBody(SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> None:
-        if v is not None:
-            raise ValueError("logprobs is not supported")
-        return None
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    @model_validator(mode="after")
+    def _combos(self) -> CompletionBody:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(_Named("best_of", "only best_of equal to n (or unset) is supported"))
+        if self.echo and self.logprobs is not None:
+            raise ValueError(_Named("echo", "echo with logprobs (prompt logprobs) is refused"))
+        return self
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]]
@@ -113,18 +175,32 @@ class ChatMessage(BaseModel):
         return "".join(texts)
 
 
+_NO_TOOLS = "tools / function calling are not supported by lmqueue's chat templates"
+
+
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    tools: list[Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Any = _refuse(_NO_TOOLS)
+    tool_choice: Any = _refuse(_NO_TOOLS)
+    parallel_tool_calls: Any = _refuse(_NO_TOOLS)
+    functions: Any = _refuse(_NO_TOOLS)
+    function_call: Any = _refuse(_NO_TOOLS)
+    modalities: Any = _refuse("text is the only modality")
+    audio: Any = _refuse("text is the only modality")
+    prediction: Any = _refuse("predicted outputs are not supported")
+    reasoning_effort: Any = _refuse("no reasoning models are served")
+    verbosity: Any = _refuse("not supported")
+    web_search_options: Any = _refuse("web search is not supported")
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v: list[Any] | None) -> None:
-        if v:
-            raise ValueError("tools are not supported")
-        return None
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> ChatBody:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError(_Named("top_logprobs", "requires logprobs: true"))
+        return self
 
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS
@@ -132,11 +208,15 @@ class ChatBody(SamplingFields):
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": str(m.content)} for m in self.messages]
 
+    def top_n(self) -> int | None:
+        """Alternatives per token (None: no logprobs at all)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class EmbeddingBody(_Body):
     input: str | list[str]
     encoding_format: Literal["float"] = "float"
-    dimensions: int | None = None
+    dimensions: Any = _refuse("the model's own dimension is the only one")
 
     @model_validator(mode="after")
     def _check(self) -> EmbeddingBody:
@@ -145,21 +225,23 @@ class EmbeddingBody(_Body):
             raise ValueError("input must be a non-empty string or list of non-empty strings")
         if len(items) > 2048:
             raise ValueError("input: at most 2048 items")
-        if self.dimensions is not None:
-            raise ValueError("dimensions is not supported")
         return self
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-BODY_BY_ENDPOINT: dict[str, type[_Body]] = {
-    COMPLETIONS: CompletionBody,
-    CHAT: ChatBody,
-    EMBEDDINGS: EmbeddingBody,
-}
+def _body_models() -> dict[str, type[BaseModel]]:
+    from lmqueue.responses_schema import ResponsesBody  # it builds on the classes above
+
+    return {
+        COMPLETIONS: CompletionBody,
+        CHAT: ChatBody,
+        EMBEDDINGS: EmbeddingBody,
+        RESPONSES: ResponsesBody,
+    }
 
 
-def parse_body(endpoint: str, body: dict[str, Any]) -> _Body:
+def parse_body(endpoint: str, body: dict[str, Any]) -> BaseModel:
     """Validate a request body for an endpoint; raises pydantic.ValidationError or KeyError."""
-    return BODY_BY_ENDPOINT[endpoint].model_validate(body)
+    return _body_models()[endpoint].model_validate(body)

@@ -39,9 +39,18 @@ pytestmark = pytest.mark.timeout(120)
             "body.messages",
         ),
         (
-            {"model": "tiny", "endpoint": "/v1/completions", "body": {"prompt": "x", "n": 3}},
+            {"model": "tiny", "endpoint": "/v1/completions", "body": {"prompt": "x", "n": 99}},
             400,
             "body.n",
+        ),
+        (
+            {
+                "model": "tiny",
+                "endpoint": "/v1/completions",
+                "body": {"prompt": "x", "tmeperature": 1},
+            },
+            400,
+            "body.tmeperature",
         ),
         (
             {

@@ -158,7 +158,14 @@ HOSTILE: list[tuple[str, str, Any, int, str]] = [
         202,
         "",
     ),
-    ("POST", "/v1/jobs", {**JOB, "body": {"prompt": "x", "deep": [[[[[[[[[[1]]]]]]]]]]}}, 202, ""),
+    # An unknown body field, however nested, is refused by name (issue 13: nothing ignored).
+    (
+        "POST",
+        "/v1/jobs",
+        {**JOB, "body": {"prompt": "x", "deep": [[[[[[[[[[1]]]]]]]]]]}},
+        400,
+        "body.deep",
+    ),
     ("GET", "/v1/jobs?limit=-1", None, 400, "limit"),
     ("GET", "/v1/jobs?limit=0", None, 400, "limit"),
     ("GET", "/v1/jobs?limit=100000000000000000000", None, 400, "limit"),

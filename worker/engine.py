@@ -31,6 +31,7 @@ from worker.kv_cache import supports_buffered
 from worker.prefill import PrefixPolicy, PrefixStore
 from worker.prompts import PromptEncoder
 from worker.slot_engine import SlotEngine
+from worker.structured import Grammars
 
 __all__ = [
     "Engine",
@@ -90,6 +91,7 @@ class Engine(PromptEncoder):
         # Plain full-attention layers only: slot buffers and merged prefill groups need them.
         self.kv_buffers = supports_buffered(model.config)
         self.stats = EngineStats()
+        self._grammars: Grammars | None = None
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -113,7 +115,20 @@ class Engine(PromptEncoder):
             )
         if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.n_embeddings:
             return RequestError("invalid_prompt", "the prompt has out-of-vocabulary ids", "prompt")
+        if req.logit_bias and max(req.logit_bias) >= self.n_embeddings:
+            return RequestError(
+                "invalid_value",
+                f"logit_bias: token id {max(req.logit_bias)} is outside the model's vocabulary "
+                f"(0..{self.n_embeddings - 1})",
+                "logit_bias",
+            )
         return None
+
+    def compile_grammar(self, key: str) -> Any:
+        """The compiled grammar of a structured-output request (cached per schema)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.n_embeddings, self.eos_ids)
+        return self._grammars.compile(key)
 
     def slots(self, slots: int, prefill_budget: int) -> SlotEngine:
         """A continuous-batching loop over this model (one per worker process)."""
@@ -129,7 +144,7 @@ class Engine(PromptEncoder):
 
         A request that can never run (context too long, empty prompt) gets its RequestError and
         the others still run. Device errors other than out of memory propagate."""
-        loop = self.slots(max(1, len(requests)), prefill_budget=1 << 62)
+        loop = self.slots(max(1, sum(max(1, r.n) for r in requests)), prefill_budget=1 << 62)
         results: dict[str, Outcome] = {}
         for i, req in enumerate(requests):
             err = loop.admit(str(i), req)

@@ -4,6 +4,7 @@ per-step token events. Plain dataclasses, shared by every backend (worker.engine
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmqueue.errors import error_object
 
@@ -17,6 +18,22 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: bool = False  # publish per-step text deltas (TokenEvent) for this request
+    top_k: int = 0  # <= 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token has been generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's generated count
+    repetition_penalty: float = 1.0  # vLLM/HF: prompt and generated tokens, divide/multiply
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # alternatives per token to report (None: no logprobs)
+    n: int = 1  # choices, each its own row (seed + index when seeded)
+    grammar: Any = None  # a compiled grammar (worker.structured); None: free text
+    echo_text: str = ""  # completions `echo`: the prompt text, put before the output
+    reply: dict[str, Any] = field(default_factory=dict)  # request fields the answer repeats
+
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
 
 @dataclass
@@ -29,6 +46,28 @@ class GenResult:
     cached_tokens: int = 0  # prompt positions whose KV was reused, not computed
     admitted_step: int = 0  # the loop step that prefilled it (rows prefilled together share it)
     batch_rows: int = 1  # the most rows it decoded alongside (itself included)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids
+    index: int = 0  # which of the request's n choices
+    siblings: list[GenResult] = field(default_factory=list)  # choices 1..n-1 (n > 1)
+    reply: dict[str, Any] = field(default_factory=dict)  # the request's GenRequest.reply
+    echoed: int = 0  # characters of `text` that are the echoed prompt (completions echo)
+
+    def choices(self) -> list[GenResult]:
+        return [self, *self.siblings]
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives, taken from the
+    logits the sampler chose from (after logit_bias, penalties and any grammar mask; before
+    temperature, top-k/top-p/min-p)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    # The tokens as text (filled when the result is built: rows.result).
+    text: str = ""
+    top_text: list[str] = field(default_factory=list)
 
 
 class RequestError(Exception):

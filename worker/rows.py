@@ -11,10 +11,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from worker.gen_types import GenRequest, GenResult, RequestError
+from worker.gen_types import GenRequest, GenResult, RequestError, TokenLogprob
+from worker.structured import new_matcher
 
 Decode = Callable[[list[int]], str]
 
@@ -40,6 +42,12 @@ class Row:
     stop_at: int = -1  # index in `text` where a stop string starts
     streamed: int = 0  # characters of `text` already handed out as TokenEvents
     last_start: int = 0  # where the latest text delta starts in `text`
+    index: int = 0  # which of the request's n choices this row samples
+    # Penalty state ([V] each, worker.penalties), only for rows with penalties.
+    counts: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+    matcher: Any = None  # the row's grammar matcher (worker.structured), structured output only
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token of `tokens`
 
     @property
     def finished(self) -> bool:
@@ -52,16 +60,27 @@ class Row:
         self.finish_reason, self.error = "", None
         self.text, self.prefix_offset, self.read_offset, self.stop_at = "", 0, 0, -1
         self.streamed = self.last_start = 0
-        self.generator = new_generator(self.req)
+        self.generator = new_generator(self.req, self.index)
+        self.counts = self.seen = None
+        self.matcher = new_matcher(self.req.grammar) if self.req.grammar is not None else None
+        self.logprobs.clear()
 
 
-def new_generator(req: GenRequest) -> torch.Generator | None:
+def new_row(key: str, req: GenRequest, limit: int, index: int, seq: int) -> Row:
+    row = Row(key, req, limit, new_generator(req, index), admitted_seq=seq, index=index)
+    if req.grammar is not None:
+        row.matcher = new_matcher(req.grammar)
+    return row
+
+
+def new_generator(req: GenRequest, index: int = 0) -> torch.Generator | None:
     """A row's own sampler state: a seeded request samples the same tokens whatever its
-    batch-mates and whenever it is (re)started."""
+    batch-mates and whenever it is (re)started; choice i of a seeded request uses seed + i."""
     if req.temperature <= 0:
         return None
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(req.seed if req.seed is not None else secrets.randbits(63))
+    seed = (req.seed + index) % 2**63 if req.seed is not None else secrets.randbits(63)
+    generator.manual_seed(seed)
     return generator
 
 
@@ -130,7 +149,7 @@ def result(row: Row, decode: Decode) -> GenResult | RequestError:
         elif row.stop_at >= 0:
             text = row.text[: row.stop_at]
     return GenResult(
-        text=text,
+        text=row.req.echo_text + text,
         token_ids=list(row.tokens),
         finish_reason=finish,
         prompt_tokens=len(row.req.prompt_ids),
@@ -138,6 +157,10 @@ def result(row: Row, decode: Decode) -> GenResult | RequestError:
         cached_tokens=row.cached_tokens,
         admitted_step=row.admitted_step,
         batch_rows=row.batch_rows,
+        logprobs=_spelled(row.logprobs, decode) if row.req.logprobs is not None else None,
+        index=row.index,
+        reply=row.req.reply,
+        echoed=len(row.req.echo_text),
     )
 
 
@@ -145,3 +168,11 @@ def find_stop(text: str, stops: list[str], start: int) -> int:
     """Index of the earliest occurrence of any stop string at or after `start`, or -1."""
     hits = [k for k in (text.find(s, start) for s in stops) if k >= 0]
     return min(hits, default=-1)
+
+
+def _spelled(entries: list[TokenLogprob], decode: Decode) -> list[TokenLogprob]:
+    """Logprob entries with each token's own text (a token alone may be part of a character)."""
+    for e in entries:
+        e.text = decode([e.token])
+        e.top_text = [decode([t]) for t, _ in e.top]
+    return list(entries)

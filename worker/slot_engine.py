@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from worker.faults import free_cached_memory, is_out_of_memory
-from worker.gen_types import GenRequest, RequestError, TokenEvent
+from worker.gen_types import GenRequest, GenResult, RequestError, TokenEvent
 from worker.kv_slots import SlotCache
 from worker.prefill import ChunkedPrefill, Group, Prefilled, plan_groups, prefill_group
 from worker.requests import gen_request
-from worker.rows import Row, new_generator, push, result, stream_delta
-from worker.sampling import choose
+from worker.rows import Row, new_row, push, result, stream_delta
+from worker.sampling import sample
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -58,8 +58,10 @@ class SlotEngine:
         self.waiting: deque[Row] = deque()  # admitted, not yet prefilled
         self.chunked: ChunkedPrefill | None = None
         self._cancel: set[str] = set()
+        self._abandon: set[str] = set()  # requests that already failed: drop, do not report
         self._seq = 0
         self.steps = 0
+        self._choices: dict[str, list[GenResult]] = {}  # finished choices of n > 1 requests
 
     # ---- the caller's side ----------------------------------------------------------------
 
@@ -85,20 +87,25 @@ class SlotEngine:
         if err is not None:
             return err
         limit = min(req.max_tokens, self.engine.max_context - len(req.prompt_ids))
-        self._seq += 1
-        row = Row(key, req, limit, new_generator(req), admitted_seq=self._seq)
-        self.waiting.append(row)
+        # n choices are n rows under the same key, admitted together so that their common
+        # prompt is computed once (worker.prefill's shared-prefix groups); their results are
+        # gathered into one answer (`_gather`).
+        for index in range(max(1, req.n)):
+            self._seq += 1
+            self.waiting.append(new_row(key, req, limit, index, self._seq))
+        if req.n > 1:
+            self._choices[key] = []
         return None
 
     def cancel(self, keys: Iterable[str]) -> None:
         self._cancel.update(keys)
 
     def idle(self) -> bool:
-        return not (self.live or self.waiting or self.chunked)
+        return not (self.live or self.waiting or self.chunked or self._abandon)
 
     def keys(self) -> list[str]:
         rows = [*self.live, *self.waiting] + ([self.chunked.row] if self.chunked else [])
-        return [r.key for r in rows]
+        return list(dict.fromkeys(r.key for r in rows))
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -113,10 +120,10 @@ class SlotEngine:
         return out
 
     def _drop_cancelled(self, out: StepOutput) -> None:
-        if not self._cancel:
+        if not (self._cancel or self._abandon):
             return
-        gone = self._cancel
-        self._cancel = set()
+        gone, cancelled = self._cancel | self._abandon, self._cancel
+        self._cancel, self._abandon = set(), set()
         for i in reversed(range(len(self.live))):
             if self.live[i].key in gone:
                 out.dropped.append(self.live[i].key)
@@ -127,6 +134,10 @@ class SlotEngine:
         if self.chunked and self.chunked.row.key in gone:
             out.dropped.append(self.chunked.row.key)
             self.chunked = None
+        # One key per request, whatever its n; a failed request's leftover choices silently.
+        out.dropped = [k for k in dict.fromkeys(out.dropped) if k in cancelled]
+        for key in gone:
+            self._choices.pop(key, None)
 
     def _admit(self, out: StepOutput) -> None:
         budget = self.prefill_budget
@@ -218,19 +229,43 @@ class SlotEngine:
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, out: StepOutput) -> None:
         eng = self.engine
-        tok, bad = choose(logits, rows)  # [b], [b]
-        for row, t, is_bad in zip(rows, tok.tolist(), bad.tolist(), strict=True):
+        s = sample(logits, rows)  # [b], [b], b entries
+        for row, t, is_bad, lp in zip(
+            rows, s.tokens.tolist(), s.bad.tolist(), s.logprobs, strict=True
+        ):
             if is_bad:
                 row.error = RequestError(
                     "numerical_error",
                     f"model {eng.name!r} produced NaN/inf logits for this request",
                 )
             else:
+                kept = len(row.tokens)
                 push(row, t, eng.eos_ids, eng.decode_text)
+                if lp is not None and len(row.tokens) > kept:  # EOS is not an output token
+                    row.logprobs.append(lp)
             if row.req.stream:
                 out.events.append(TokenEvent(row.key, stream_delta(row), row.completion_tokens))
             if row.finished:
-                out.finished.append((row.key, result(row, eng.decode_text)))
+                self._finished(row, result(row, eng.decode_text), out)
+
+    def _finished(self, row: Row, res: GenResult | RequestError, out: StepOutput) -> None:
+        """A row's outcome: the request's, or one of its n choices (gathered until all are in;
+        the first error fails the request and drops its other choices)."""
+        if row.req.n <= 1:
+            out.finished.append((row.key, res))
+            return
+        got = self._choices.get(row.key)
+        if got is None:  # the request already failed
+            return
+        if isinstance(res, RequestError):
+            del self._choices[row.key]
+            self._abandon.add(row.key)
+            out.finished.append((row.key, res))
+            return
+        got.append(res)
+        if len(got) == row.req.n:
+            del self._choices[row.key]
+            out.finished.append((row.key, _gather(got)))
 
     def _leave(self, i: int) -> None:
         self.cache.leave(i)
@@ -300,7 +335,17 @@ class SlotEngine:
         row.error = RequestError(
             "out_of_memory", f"out of memory running this request alone: {exc}"
         )
-        out.finished.append((row.key, row.error))
+        self._finished(row, row.error, out)
+
+
+def _gather(choices: list[GenResult]) -> GenResult:
+    """n choices -> one result: choice 0 carrying the others; the prompt is counted once, the
+    completion tokens of every choice are summed."""
+    first, *others = sorted(choices, key=lambda r: r.index)
+    first.siblings = others
+    first.completion_tokens = sum(r.completion_tokens for r in choices)
+    first.batch_rows = max(r.batch_rows for r in choices)
+    return first
 
 
 @dataclass

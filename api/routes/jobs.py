@@ -34,7 +34,7 @@ class SubmitJob(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
     model: str | None = Field(default=None, max_length=200)
-    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
+    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
     body: dict[str, Any]
     priority: int | None = Field(default=None, ge=0, le=9, description="0-9, 9 runs first")
     timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
