@@ -31,6 +31,8 @@ class SamplingFields(_Body):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = 1
+    # Publish per-step deltas (job events, the synchronous endpoints' chunk streams). Accepted
+    # where a reader exists: lmqueue.validation.check_request refuses it in batch lines.
     stream: bool = False
 
     @field_validator("stop")
@@ -49,13 +51,6 @@ class SamplingFields(_Body):
     def _n(cls, v: int) -> int:
         if v != 1:
             raise ValueError("only n=1 is supported; submit one job per sample")
-        return v
-
-    @field_validator("stream")
-    @classmethod
-    def _stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported by a queued job; poll the job instead")
         return v
 
     def stop_list(self) -> list[str]:

@@ -34,4 +34,5 @@ def gen_request(encoder: Encoder, endpoint: str, body: dict[str, Any]) -> GenReq
         top_p=typed.top_p,
         stop=typed.stop_list(),
         seed=typed.seed,
+        stream=typed.stream,  # the API accepted it: the job asked for per-step deltas
     )
