@@ -3,6 +3,8 @@ deltas and its final result."""
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Any
 
 from lmqueue.schemas import CHAT
@@ -53,3 +55,14 @@ def final_text(result: dict[str, Any], endpoint: str) -> tuple[str, str | None]:
     else:
         text = choice.get("text") or ""
     return str(text), choice.get("finish_reason")
+
+
+def base64_embeddings(result: dict[str, Any]) -> dict[str, Any]:
+    """An embeddings response with each vector as base64 of little-endian float32, as OpenAI
+    answers `encoding_format: "base64"`."""
+    data = []
+    for item in result.get("data", []):
+        vec = item["embedding"]
+        packed = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({**item, "embedding": packed})
+    return {**result, "data": data}

@@ -214,5 +214,10 @@ def test_openai_sdk_embeddings_through_the_queue(embed_stack: Stack, minilm_dir:
     assert resp.model == "embed" and [d.index for d in resp.data] == [0, 1]
     got = torch.tensor([d.embedding for d in resp.data])
     assert torch.allclose(got, manual_mean_pool(minilm_dir, SENTENCES[:2]), atol=1e-5)
-    one = client.embeddings.create(model="embed", input=SENTENCES[2])
+    # The SDK asks for base64 unless told otherwise; floats come back the same either way.
+    one = client.embeddings.create(model="embed", input=SENTENCES[2], encoding_format="float")
     assert len(one.data) == 1 and len(one.data[0].embedding) == 384
+    again = client.embeddings.create(model="embed", input=SENTENCES[2])
+    assert torch.allclose(
+        torch.tensor(again.data[0].embedding), torch.tensor(one.data[0].embedding)
+    )

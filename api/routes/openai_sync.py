@@ -20,7 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from api.chunks import chunk, final_text, usage_chunk
+from api.chunks import base64_embeddings, chunk, final_text, usage_chunk
 from api.deltas import load_job
 from api.deps import get_owner
 from api.errors import APIError
@@ -74,11 +74,21 @@ async def _serve(request: Request, owner: str, endpoint: str) -> Response:
         stream = False  # OpenAI's embeddings never stream; the field means nothing there
     options = body.pop("stream_options", None) or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    # The openai SDK asks for base64 vectors by default: the job stores floats, the answer is
+    # encoded here.
+    base64 = endpoint == EMBEDDINGS and body.get("encoding_format") == "base64"
+    if base64:
+        body.pop("encoding_format")
     model, full = validated(endpoint, body, None, stream)
     job = await run_in_threadpool(_submit, owner, model, endpoint, full)
     if stream:
         return EventSourceResponse(_chunks(request, owner, job, include_usage), ping=15)
-    return await _wait(request, owner, job)
+    finished = await _wait(request, owner, job)
+    if finished is None:
+        return Response(status_code=499)  # nobody is listening any more
+    if base64 and finished.status == JobStatus.SUCCEEDED and finished.result is not None:
+        return JSONResponse(base64_embeddings(finished.result))
+    return _answer(finished)
 
 
 def _submit(owner: str, model: str, endpoint: str, body: dict[str, Any]) -> Job:
@@ -108,16 +118,17 @@ def _answer(job: Job) -> JSONResponse:
     return JSONResponse({"error": err}, status_code=status)
 
 
-async def _wait(request: Request, owner: str, job: Job) -> Response:
+async def _wait(request: Request, owner: str, job: Job) -> Job | None:
+    """The finished job, or None when the client hung up (its job is then cancelled)."""
     delay = 0.02
     while job.status not in JobStatus.TERMINAL:
         if await request.is_disconnected():
             await _cancel_shielded(owner, job.id)
-            return Response(status_code=499)
+            return None
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.2)
         job = await load_job(owner, job.id) or job
-    return _answer(job)
+    return job
 
 
 def _data(body: Any) -> dict[str, str]:
