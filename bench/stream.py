@@ -50,6 +50,7 @@ class _Timed:
 
 
 HOOK_SHARE: list[float] = []  # publish time / step time, per streaming round
+STEP_MS: dict[bool, list[float]] = {False: [], True: []}  # mean step time per round
 
 
 def _loop_round(backend: Any, prompts: list[str], new_tokens: int, stream: bool) -> float:
@@ -84,6 +85,7 @@ def _loop_round(backend: Any, prompts: list[str], new_tokens: int, stream: bool)
     loop.stop()
     if publisher is not None:
         HOOK_SHARE.append(publisher.seconds / loop.stats.seconds)
+    STEP_MS[stream].append(1e3 * loop.stats.seconds / max(1, loop.stats.steps))
     if os.environ.get("BENCH_VERBOSE"):
         print(
             f"    steps {loop.stats.steps}, step time {loop.stats.seconds:.2f}s of {seconds:.2f}s"
@@ -126,6 +128,9 @@ def part_loop(args: argparse.Namespace) -> None:
     print(f"  0% streaming:   {off:8.1f} tokens/s  (rounds: {_fmt(rates[False])})")
     print(f"  100% streaming: {on:8.1f} tokens/s  (rounds: {_fmt(rates[True])})")
     print(f"  ratio 100%/0%:  {on / off:.3f}")
+    off_ms, on_ms = statistics.median(STEP_MS[False]), statistics.median(STEP_MS[True][1:])
+    print(f"  mean step (backend.step: forward, sampling, detokenising): {off_ms:.1f} ms at 0%,")
+    print(f"    {on_ms:.1f} ms at 100% (streaming rows detokenise every step to have text to send)")
     share = statistics.median(HOOK_SHARE[1:])  # the first is the warm-up
     print(f"  publishing (one pipelined XADD+EXPIRE per row per step) / step time: {share:.2%}")
 

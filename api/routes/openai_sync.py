@@ -35,7 +35,7 @@ from lmqueue.schemas import CHAT, COMPLETIONS, EMBEDDINGS
 from lmqueue.tables import Job, JobStatus
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["openai"], responses=errors(400, 401, 429))
+router = APIRouter(tags=["openai"], responses=errors(400, 401, 409, 413, 429))
 
 _BODY = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
 
