@@ -36,3 +36,15 @@ def celery_priority(api_priority: int) -> int:
 def redis_queue_keys(queue: str) -> list[str]:
     """Every Redis list that holds messages of `queue`, one per priority step."""
     return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+
+
+# Per-job delta streams (Redis streams): the worker appends one entry per step for each job that
+# asked to stream, the API reads them for /v1/jobs/{id}/events and the synchronous endpoints.
+DELTA_TEXT = "t"  # the text a step added
+DELTA_TOKENS = "n"  # completion tokens so far
+DELTA_START = "s"  # present on a worker's first entry for a job: a (re)started attempt
+
+
+def delta_stream_key(job_id: str, settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    return f"{settings.queue_prefix}:deltas:{job_id}"

@@ -75,10 +75,14 @@ class SamplingFields(_Body):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=MAX_N)
+    # Publish per-step deltas (job events, the synchronous endpoints' chunk streams). Accepted
+    # where a reader exists: lmqueue.validation.check_request refuses it in batch lines.
     stream: bool = False
     response_format: ResponseFormat | None = None
     prompt_cache_key: str | None = Field(default=None, max_length=256)
-    stream_options: Any = _refuse("only with stream, which a queued job does not do")
+    stream_options: Any = _refuse(
+        "only on the synchronous endpoints (POST /v1/completions, /v1/chat/completions)"
+    )
     service_tier: Any = _refuse("lmqueue has one service tier")
     store: Any = _refuse("lmqueue does not store completions for distillation")
     metadata: Any = _refuse("lmqueue does not store completions (metadata is for store)")
@@ -93,13 +97,6 @@ class SamplingFields(_Body):
             if any(not s for s in stops):
                 raise ValueError("stop sequences must be non-empty")
         return stops
-
-    @field_validator("stream")
-    @classmethod
-    def _stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported by a queued job; poll the job instead")
-        return v
 
     @field_validator("logit_bias")
     @classmethod

@@ -65,6 +65,19 @@ class Settings(BaseSettings):
     long_poll_max_s: float = 60.0
     max_request_bytes: int = 1_000_000
 
+    # --- streaming (job and batch events, OpenAI's synchronous endpoints) ----------------------
+    stream_maxlen: int = Field(
+        default=4200,
+        ge=100,
+        description="entries kept per job's delta stream in Redis (one per step; above max_tokens)",
+    )
+    stream_ttl_s: int = Field(
+        default=3600, ge=10, description="seconds a job's delta stream outlives its last delta"
+    )
+    events_poll_s: float = Field(
+        default=0.5, gt=0, le=10, description="how often event streams re-read the store"
+    )
+
     # --- flower ------------------------------------------------------------------------------
     flower_port: int = 5555
 

@@ -44,10 +44,14 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def check_request(endpoint: str, body: Any, model: str | None = None) -> tuple[str, dict[str, Any]]:
+def check_request(
+    endpoint: str, body: Any, model: str | None = None, allow_stream: bool = False
+) -> tuple[str, dict[str, Any]]:
     """Validate an endpoint + OpenAI body; returns (model name, body as sent).
 
     The body's own `model` is used when `model` is not given; when both are, they must agree.
+    `stream: true` only where something reads the deltas (a single job, a synchronous request);
+    a batch line has no reader.
     """
     check_endpoint(endpoint)
     if not isinstance(body, dict):
@@ -71,6 +75,10 @@ def check_request(endpoint: str, body: Any, model: str | None = None) -> tuple[s
             + ", ".join(spec.endpoints()),
             "endpoint",
             code="unsupported_endpoint",
+        )
+    if body.get("stream") is True and not allow_stream:
+        raise InvalidRequest(
+            "stream: not supported in a batch line; submit a single job to stream", "stream"
         )
     full = {**body, "model": name}
     try:

@@ -68,7 +68,15 @@ def _line(cid: str, **body: object) -> str:
 def test_validate_file_reports_each_line(registry: None, tmp_path: Path) -> None:
     path = _write(
         tmp_path,
-        [_line("a"), "", "[1, 2]", _line("a"), _line("b", max_tokens=0), _line("c", model="emb")],
+        [
+            _line("a"),
+            "",
+            "[1, 2]",
+            _line("a"),
+            _line("b", max_tokens=0),
+            _line("c", model="emb"),
+            _line("d", stream=True),  # nothing reads a batch line's deltas
+        ],
     )
     items = list(validate_file(path, "/v1/completions", max_lines=100, max_line_bytes=10_000))
     assert isinstance(items[0], ValidLine) and items[0].body["model"] == "gen"
@@ -78,6 +86,7 @@ def test_validate_file_reports_each_line(registry: None, tmp_path: Path) -> None
         (4, "duplicate_custom_id", "custom_id"),
         (5, "invalid_value", "body.max_tokens"),
         (6, "unsupported_endpoint", "body.model"),
+        (7, "invalid_value", "body.stream"),
     ]
 
 

@@ -203,3 +203,21 @@ def _tokens(model_dir: Path, texts: list[str]) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     return list(AutoTokenizer.from_pretrained(model_dir)(texts)["input_ids"])
+
+
+def test_openai_sdk_embeddings_through_the_queue(embed_stack: Stack, minilm_dir: Path) -> None:
+    """POST /v1/embeddings (OpenAI's synchronous endpoint) queues a job and answers its vectors."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{embed_stack.base_url}/v1", api_key="unused", max_retries=0)
+    resp = client.embeddings.create(model="embed", input=SENTENCES[:2])
+    assert resp.model == "embed" and [d.index for d in resp.data] == [0, 1]
+    got = torch.tensor([d.embedding for d in resp.data])
+    assert torch.allclose(got, manual_mean_pool(minilm_dir, SENTENCES[:2]), atol=1e-5)
+    # The SDK asks for base64 unless told otherwise; floats come back the same either way.
+    one = client.embeddings.create(model="embed", input=SENTENCES[2], encoding_format="float")
+    assert len(one.data) == 1 and len(one.data[0].embedding) == 384
+    again = client.embeddings.create(model="embed", input=SENTENCES[2])
+    assert torch.allclose(
+        torch.tensor(again.data[0].embedding), torch.tensor(one.data[0].embedding)
+    )

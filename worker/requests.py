@@ -64,4 +64,5 @@ def gen_request(encoder: Encoder, endpoint: str, body: dict[str, Any]) -> GenReq
         grammar=compile_grammar(key) if key is not None and compile_grammar else None,
         echo_text=echo,
         reply=reply,
+        stream=typed.stream,  # the API accepted it: the job asked for per-step deltas
     )

@@ -31,6 +31,7 @@ from worker.loading import load_engine
 from worker.loop import Waiting, WorkerLoop
 from worker.loop_metrics import StepMetrics, record_outcomes
 from worker.metrics import MODEL_LOAD_TIME, start_worker_metrics
+from worker.publisher import StreamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def start_runtime(celery_hostname: str) -> WorkerRuntime:
         hostname,
         settings.lease_s,
         hold=settings.hold_jobs(spec.batch_size(settings)),
+        on_token=StreamPublisher.from_settings(settings),
         on_outcomes=lambda outcomes, items: record_outcomes(spec.name, outcomes, items),
         on_step=StepMetrics(spec.name, getattr(backend, "stats", None)),
     )

@@ -12,19 +12,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from api.admission import admit, admitted
 from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
 from api.pagination import list_page
+from api.submit import submit, validated
 from lmqueue import jobs as q
 from lmqueue import transitions
-from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
-from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
+from lmqueue.metrics import JOBS_FINISHED
 from lmqueue.settings import get_settings
 from lmqueue.tables import Job, JobStatus
-from lmqueue.validation import InvalidRequest, check_request
 
 router = APIRouter(tags=["jobs"], responses=errors(400, 401, 404, 413))
 
@@ -38,6 +36,9 @@ class SubmitJob(BaseModel):
     body: dict[str, Any]
     priority: int | None = Field(default=None, ge=0, le=9, description="0-9, 9 runs first")
     timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
+    stream: bool = Field(
+        default=False, description="publish per-step deltas to GET /v1/jobs/{id}/events"
+    )
 
 
 def _not_found(job_id: str) -> APIError:
@@ -51,38 +52,17 @@ def submit_job(
     owner: Annotated[str, Depends(get_owner)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
-    try:
-        model, body = check_request(req.endpoint, req.body, req.model)
-    except InvalidRequest as exc:
-        raise APIError(400, exc.message, param=exc.param, code=exc.code) from exc
-    settings = get_settings()
-    if req.timeout is not None and req.timeout > settings.max_job_timeout_s:
-        raise APIError(
-            400,
-            f"timeout: at most {settings.max_job_timeout_s:g} seconds on this server",
-            param="timeout",
-        )
-    admit(session, owner, model, 1, idempotency_key)
-    priority = settings.default_priority if req.priority is None else req.priority
-    try:
-        job, created = q.create_job(
-            session,
-            owner=owner,
-            model=model,
-            endpoint=req.endpoint,
-            body=body,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            timeout_s=req.timeout,
-        )
-    except q.IdempotencyConflict as exc:
-        raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
-    if created:
-        session.commit()  # the store holds the job before any worker can see its message
-        admitted(owner, model)
-        JOBS_SUBMITTED.labels(model).inc()
-        enqueue_jobs(model, [job.id], priority)
-        transitions.mark_enqueued(session, [job.id])
+    model, body = validated(req.endpoint, req.body, req.model, req.stream)
+    job, created = submit(
+        session,
+        owner,
+        model,
+        req.endpoint,
+        body,
+        priority=req.priority,
+        timeout_s=req.timeout,
+        idempotency_key=idempotency_key,
+    )
     return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
 
 

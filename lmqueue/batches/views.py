@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from lmqueue.batches.state import ACTIVE, IN_PROGRESS, Counts, advance, usage_dict
 from lmqueue.settings import get_settings
-from lmqueue.tables import Batch, now
+from lmqueue.tables import Batch, Job, JobStatus, now
 
 # --- reading ----------------------------------------------------------------------------------
 
@@ -88,3 +88,24 @@ def batch_to_dict(batch: Batch, counts: Counts | None = None) -> dict[str, Any]:
         "parent_batch_id": batch.parent_batch_id,
         "estimated_completion_at": _estimate(batch, counts, now()) if counts else None,
     }
+
+
+# --- finished lines, in completion order (batch events) ---------------------------------------
+
+
+def finished_lines(
+    session: Session, batch_id: str, after: tuple[float, str] | None, until: float | None
+) -> list[tuple[float, str, str | None, str]]:
+    """(finished_at, job id, custom_id, status) of the batch's finished lines after the cursor
+    `after` = (finished_at, job id), in completion order; only those finished by `until` (None:
+    all), so a line stored by a transaction that commits late still lands after the cursor."""
+    stmt = select(Job.finished_at, Job.id, Job.custom_id, Job.status).where(
+        Job.batch_id == batch_id, Job.status.in_(JobStatus.TERMINAL), Job.finished_at.is_not(None)
+    )
+    if after is not None:
+        at, job_id = after
+        stmt = stmt.where(or_(Job.finished_at > at, and_(Job.finished_at == at, Job.id > job_id)))
+    if until is not None:
+        stmt = stmt.where(Job.finished_at <= until)
+    rows = session.execute(stmt.order_by(Job.finished_at, Job.id).limit(1000))
+    return [(float(r[0] or 0.0), r[1], r[2], r[3]) for r in rows]

@@ -1,0 +1,78 @@
+"""One path into the queue for every single job: /v1/jobs and OpenAI's synchronous endpoints
+alike go through validation, admission, the store and the broker here, so a synchronous request
+gets the same priorities, quotas, autoscaling and recovery as any queued job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.admission import admit, admitted
+from api.errors import APIError
+from lmqueue import jobs as q
+from lmqueue import transitions
+from lmqueue.broker import enqueue_jobs
+from lmqueue.metrics import JOBS_SUBMITTED
+from lmqueue.schemas import EMBEDDINGS
+from lmqueue.settings import get_settings
+from lmqueue.tables import Job
+from lmqueue.validation import InvalidRequest, check_request
+
+
+def validated(
+    endpoint: str, body: Any, model: str | None, stream: bool
+) -> tuple[str, dict[str, Any]]:
+    """(model, body) ready to store; `stream` asks the worker for per-step deltas."""
+    if stream and isinstance(body, dict):
+        if endpoint == EMBEDDINGS:
+            raise APIError(400, "stream: embeddings do not stream", param="stream")
+        body = {**body, "stream": True}
+    try:
+        return check_request(endpoint, body, model, allow_stream=True)
+    except InvalidRequest as exc:
+        raise APIError(400, exc.message, param=exc.param, code=exc.code) from exc
+
+
+def submit(
+    session: Session,
+    owner: str,
+    model: str,
+    endpoint: str,
+    body: dict[str, Any],
+    *,
+    priority: int | None = None,
+    timeout_s: float | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Admit, store, commit, enqueue. Returns (job, created); an idempotent replay is not
+    created again."""
+    settings = get_settings()
+    if timeout_s is not None and timeout_s > settings.max_job_timeout_s:
+        raise APIError(
+            400,
+            f"timeout: at most {settings.max_job_timeout_s:g} seconds on this server",
+            param="timeout",
+        )
+    admit(session, owner, model, 1, idempotency_key)
+    priority = settings.default_priority if priority is None else priority
+    try:
+        job, created = q.create_job(
+            session,
+            owner=owner,
+            model=model,
+            endpoint=endpoint,
+            body=body,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            timeout_s=timeout_s,
+        )
+    except q.IdempotencyConflict as exc:
+        raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
+    if created:
+        session.commit()  # the store holds the job before any worker can see its message
+        admitted(owner, model)
+        JOBS_SUBMITTED.labels(model).inc()
+        enqueue_jobs(model, [job.id], priority)
+        transitions.mark_enqueued(session, [job.id])
+    return job, created
