@@ -1,6 +1,7 @@
 """A real Celery worker process serving a model registered with `engine = "hf-paged"`
 (transformers' continuous batching behind the backend seam) completes real jobs: greedy text
-equal to plain transformers, stop strings, chat, and per-row refusals naming the field."""
+equal to plain transformers, stop strings, chat, per-row refusals naming the field, and a
+running job cancelled through the API."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.procs import wait_until
 from cli.stack import Stack, running
+from tests.conftest import MODEL_CACHE
 from tests.test_jobs_e2e import reference_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -25,26 +28,30 @@ def paged_stack(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
+    from worker.demo_model import build_demo_model
+
+    long_dir = build_demo_model(MODEL_CACHE / "tiny-long", size="tiny-long")
     logs = tmp_path_factory.mktemp("hf-paged")
     models = logs / "models.toml"
     models.write_text(
         f'[models.paged]\npath = "{tiny_model_dir}"\nengine = "hf-paged"\n'
         "max_context = 256\nmax_batch_size = 4\n"
+        f'[models.paged-long]\npath = "{long_dir}"\nengine = "hf-paged"\nmax_batch_size = 2\n'
     )
     st = Stack(
         database_url,
         redis_url,
-        {"paged": tiny_model_dir},
+        {"paged": tiny_model_dir, "paged-long": long_dir},
         logs,
-        extra_env={"LMQUEUE_MODELS_FILE": str(models)},
+        extra_env={"LMQUEUE_MODELS_FILE": str(models), "LMQUEUE_CANCEL_POLL_S": "0.1"},
     )
-    with running(st, ["paged"]):
+    with running(st, ["paged", "paged-long"]):
         yield st
 
 
-def submit(client: httpx.Client, body: dict[str, Any]) -> str:
+def submit(client: httpx.Client, body: dict[str, Any], model: str = "paged") -> str:
     resp = client.post(
-        "/v1/jobs", json={"model": "paged", "endpoint": "/v1/completions", "body": body}
+        "/v1/jobs", json={"model": model, "endpoint": "/v1/completions", "body": body}
     )
     assert resp.status_code == 202, resp.text
     return str(resp.json()["id"])
@@ -106,3 +113,22 @@ def test_hf_paged_worker_stops_and_refuses(paged_stack: Stack, tiny_model_dir: P
         assert job["error"]["param"] == param
         assert job["error"]["type"] == "invalid_request_error"
         assert "hf-paged" in job["error"]["message"]
+
+
+def test_hf_paged_worker_cancels_a_running_job(paged_stack: Stack) -> None:
+    body = {"prompt": "def main():", "temperature": 0, "max_tokens": 4000}
+    with paged_stack.client() as client:
+        long = submit(client, body, model="paged-long")
+
+        def state(job_id: str) -> str:
+            return str(client.get(f"/v1/jobs/{job_id}").json()["status"])
+
+        wait_until(lambda: state(long) == "running", 60, "the long job to run", every_s=0.05)
+        assert client.post(f"/v1/jobs/{long}/cancel").status_code == 200
+        gone = paged_stack.wait_job(client, long, timeout_s=30)
+        short = submit(client, {**body, "max_tokens": 3}, model="paged-long")
+        done = paged_stack.wait_job(client, short, timeout_s=60)
+    assert gone["status"] == "cancelled" and gone["response"] is None, gone
+    assert gone["error"]["code"] == "cancelled"
+    assert done["status"] == "succeeded", done
+    assert done["response"]["usage"]["completion_tokens"] == 3

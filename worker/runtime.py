@@ -136,6 +136,9 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.loop.stop()
         self._stop.set()
+        close = getattr(self.backend, "close", None)
+        if close is not None:  # hf-paged: end the manager's (non-daemon) thread, or exit hangs
+            close()
         with session_scope() as session:
             _upsert_worker(session, self, status="down")
 

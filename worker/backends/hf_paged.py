@@ -140,7 +140,7 @@ class HFPagedBackend:
         """Stop the manager's thread (the next admit starts a new one)."""
         manager, self._manager = self._manager, None
         if manager is not None:
-            manager.stop(block=True, timeout=30)
+            manager.stop(block=True, timeout=5)
 
     # ---- one step -------------------------------------------------------------------------
 
