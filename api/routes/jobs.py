@@ -17,8 +17,8 @@ from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
 from api.pagination import list_page
+from lmqueue import cache, transitions
 from lmqueue import jobs as q
-from lmqueue import transitions
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
 from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
@@ -38,6 +38,9 @@ class SubmitJob(BaseModel):
     body: dict[str, Any]
     priority: int | None = Field(default=None, ge=0, le=9, description="0-9, 9 runs first")
     timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
+    cache: bool = Field(
+        default=True, description="false: never answer from (or fill) the result cache"
+    )
 
 
 def _not_found(job_id: str) -> APIError:
@@ -64,6 +67,10 @@ def submit_job(
         )
     admit(session, owner, model, 1, idempotency_key)
     priority = settings.default_priority if req.priority is None else req.priority
+    key = cache.cache_key(owner, model, req.endpoint, body, settings) if req.cache else None
+    source = cache.lookup(session, owner, key, settings) if key else None
+    if key:
+        cache.count(model, "exact", source is not None)
     try:
         job, created = q.create_job(
             session,
@@ -74,10 +81,17 @@ def submit_job(
             priority=priority,
             idempotency_key=idempotency_key,
             timeout_s=req.timeout,
+            cache_key=None if source is not None else key,
         )
     except q.IdempotencyConflict as exc:
         raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
-    if created:
+    if created and source is not None:
+        transitions.answer_from_cache(session, job, source, {"kind": "exact"})
+        session.commit()  # answered: no worker, no message
+        admitted(owner, model)
+        JOBS_SUBMITTED.labels(model).inc()
+        JOBS_FINISHED.labels(model, job.status).inc()
+    elif created:
         session.commit()  # the store holds the job before any worker can see its message
         admitted(owner, model)
         JOBS_SUBMITTED.labels(model).inc()
