@@ -11,7 +11,7 @@ import lmqueue
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.openapi import install_openapi
-from api.routes import admin, batches, files, health, jobs, metrics, models
+from api.routes import admin, batches, files, health, jobs, metrics, models, webhooks
 from api.routes import scheduler as scheduler_routes
 from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.settings import get_settings
@@ -39,6 +39,7 @@ def create_app() -> FastAPI:
     app.include_router(files.router)  # bulk batches
     app.include_router(batches.router)  # bulk batches
     app.include_router(scheduler_routes.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -59,6 +59,7 @@ class Job(Base):
         # Result cache (0007): lookups by key; followers waiting for the line they copy.
         Index("ix_jobs_cache_key", "cache_key"),
         Index("ix_jobs_cache_of", "cache_of"),
+        Index("ix_jobs_owner_finished_at", "owner", "finished_at"),  # webhook event scans
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -20,6 +20,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("cache_hit", sa.JSON(), nullable=True))
     op.create_index("ix_jobs_cache_key", "jobs", ["cache_key"])
     op.create_index("ix_jobs_cache_of", "jobs", ["cache_of"])
+    op.create_index("ix_jobs_owner_finished_at", "jobs", ["owner", "finished_at"])
     op.create_table(
         "webhook_endpoints",
         sa.Column("id", sa.String(40), primary_key=True),
@@ -78,6 +79,7 @@ def downgrade() -> None:
     op.drop_table("webhook_attempts")
     op.drop_table("webhook_deliveries")
     op.drop_table("webhook_endpoints")
+    op.drop_index("ix_jobs_owner_finished_at", table_name="jobs")
     op.drop_index("ix_jobs_cache_of", table_name="jobs")
     op.drop_index("ix_jobs_cache_key", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
