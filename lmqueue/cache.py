@@ -14,7 +14,7 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from lmqueue.metrics import CACHE_LOOKUPS
@@ -22,7 +22,7 @@ from lmqueue.registry import get_model
 from lmqueue.revision import model_revision
 from lmqueue.schemas import EMBEDDINGS, SamplingFields, parse_body
 from lmqueue.settings import Settings
-from lmqueue.tables import Job, JobStatus, now
+from lmqueue.tables import Job, JobStatus, SemanticEntry, now
 
 # Fields that change how a request is delivered, never what it answers.
 _NOT_ANSWER = {"cache", "stream", "user", "metadata"}
@@ -102,6 +102,9 @@ def prune(session: Session, settings: Settings, t: float) -> int:
         .execution_options(synchronize_session=False)
     )
     left = int(expired.rowcount)  # type: ignore[attr-defined]
+    session.execute(  # the semantic cache's vectors of expired prompts
+        delete(SemanticEntry).where(SemanticEntry.created_at < t - settings.cache_ttl_s)
+    )
     entries = select(func.count()).where(
         Job.cache_key.is_not(None), Job.status == JobStatus.SUCCEEDED
     )

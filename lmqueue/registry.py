@@ -42,6 +42,11 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int = Field(default=0, ge=0)  # 0 = the global setting
     prefill_budget: int = Field(default=0, ge=0)  # prompt tokens per step; 0 = the global setting
     trust_remote_code: bool = False
+    # Semantic cache (opt-in): the name of an embedding model served here that embeds this
+    # model's prompts; a deterministic request whose prompt is this similar (cosine) to a cached
+    # one, and passes the guards of lmqueue.semantic, gets its answer. "" = off.
+    semantic_cache: str = ""
+    semantic_threshold: float = Field(default=0.92, gt=0.0, le=1.0)
 
     def endpoints(self) -> tuple[str, ...]:
         if self.task == "embed":

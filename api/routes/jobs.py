@@ -17,11 +17,12 @@ from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
 from api.pagination import list_page
-from lmqueue import cache, transitions
+from lmqueue import cache, semantic, transitions
 from lmqueue import jobs as q
-from lmqueue.broker import enqueue_jobs
+from lmqueue.broker import enqueue_jobs, send_semantic_lookup
 from lmqueue.db import session_scope
 from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
+from lmqueue.registry import get_model
 from lmqueue.settings import get_settings
 from lmqueue.tables import Job, JobStatus
 from lmqueue.validation import InvalidRequest, check_request
@@ -95,7 +96,12 @@ def submit_job(
         session.commit()  # the store holds the job before any worker can see its message
         admitted(owner, model)
         JOBS_SUBMITTED.labels(model).inc()
-        enqueue_jobs(model, [job.id], priority)
+        spec = get_model(model)
+        if key and semantic.enabled(spec, req.endpoint):
+            # The embedding model's worker looks for a near neighbour, then sends it on.
+            send_semantic_lookup(spec.semantic_cache, [job.id], priority)
+        else:
+            enqueue_jobs(model, [job.id], priority)
         transitions.mark_enqueued(session, [job.id])
     return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
 
