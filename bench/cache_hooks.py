@@ -28,9 +28,9 @@ from bench.common import bench_model_dir
 from cli.embedded import EmbeddedRedis
 from cli.procs import wait_until
 from cli.stack import Stack
+from cli.webhook_receiver import receiver
 from lmqueue.broker import redis_reachable
 from lmqueue.tables import Batch, Job
-from tests.webhook_receiver import receiver
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -13,10 +13,10 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from cli.procs import wait_until
 from cli.stack import Stack, running
+from cli.webhook_receiver import Receiver, receiver
 from lmqueue.webhooks.targets import BadTarget, check_target
 from tests.batch_client import create, sdk, wait_done
 from tests.batch_client import line as batch_line
-from tests.webhook_receiver import Receiver, receiver
 
 pytestmark = pytest.mark.timeout(300)
 
