@@ -38,6 +38,7 @@ def cache_stack(
         tiny_model_dir,
         tmp_path_factory.mktemp("cache"),
         LMQUEUE_CACHE_ENABLED="true",
+        LMQUEUE_WEBHOOK_ALLOW_PRIVATE_TARGETS="true",
     )
     with running(st, ("tiny",)):
         keys = {n: create_key(st, n) for n in ("alice", "bob")}
@@ -138,6 +139,19 @@ def test_identical_batch_lines_are_computed_once(cache_stack: tuple[Stack, dict[
     hits = [x for x in metrics.splitlines() if x.startswith("lmqueue_cache_lookups_total{")]
     assert any('result="hit"' in x and not x.endswith(" 0.0") for x in hits), hits
     assert any('result="miss"' in x for x in hits), hits
+
+
+def test_webhook_endpoints_belong_to_their_key(cache_stack: tuple[Stack, dict[str, str]]) -> None:
+    """(Here because this stack has two tenants.) Another key neither sees nor manages them."""
+    st, keys = cache_stack
+    with as_key(st, keys["alice"]) as alice, as_key(st, keys["bob"]) as bob:
+        ep = alice.post("/v1/webhook_endpoints", json={"url": "http://127.0.0.1:9/x"}).json()
+        assert bob.get(f"/v1/webhook_endpoints/{ep['id']}").status_code == 404
+        assert bob.get(f"/v1/webhook_endpoints/{ep['id']}/deliveries").status_code == 404
+        assert bob.post(f"/v1/webhook_endpoints/{ep['id']}/rotate_secret").status_code == 404
+        assert bob.delete(f"/v1/webhook_endpoints/{ep['id']}").status_code == 404
+        assert ep["id"] not in [e["id"] for e in bob.get("/v1/webhook_endpoints").json()["data"]]
+        assert alice.delete(f"/v1/webhook_endpoints/{ep['id']}").json()["deleted"] is True
 
 
 # --- the key's parts, without a stack ----------------------------------------------------------
