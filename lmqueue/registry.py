@@ -91,9 +91,21 @@ def _from_shortcut(value: str) -> dict[str, ModelSpec]:
     return specs
 
 
+def _check_semantic(specs: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+    """A semantic cache must name an embedding model served here."""
+    for spec in specs.values():
+        embedder = specs.get(spec.semantic_cache) if spec.semantic_cache else None
+        if spec.semantic_cache and (embedder is None or embedder.task != "embed"):
+            raise RegistryError(
+                f"model {spec.name!r}: semantic_cache {spec.semantic_cache!r} must name an "
+                'embedding model (task = "embed") of this registry'
+            )
+    return specs
+
+
 def load_registry(settings: Settings) -> dict[str, ModelSpec]:
     if settings.models_file:
-        return _from_file(settings.models_file)
+        return _check_semantic(_from_file(settings.models_file))
     return _from_shortcut(settings.models)
 
 

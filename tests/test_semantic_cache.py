@@ -123,3 +123,20 @@ def test_guard_rules() -> None:
     assert not guards_pass("a 3.5 liter engine", "a 3.6 liter engine")
     assert guards_pass("Is this legal?", "Is this legal in general?")
     assert not guards_pass("Is this legal?", "Is this illegal?")
+
+
+def test_semantic_cache_must_name_an_embedding_model(tmp_path: Path) -> None:
+    from lmqueue.registry import RegistryError, load_registry
+    from lmqueue.settings import Settings
+
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models.gen]\npath = "x"\nsemantic_cache = "other"\n[models.other]\npath = "y"\n'
+    )
+    with pytest.raises(RegistryError, match="semantic_cache"):
+        load_registry(Settings(models_file=models))
+    models.write_text(
+        '[models.gen]\npath = "x"\nsemantic_cache = "emb"\n'
+        '[models.emb]\npath = "y"\ntask = "embed"\n'
+    )
+    assert load_registry(Settings(models_file=models))["gen"].semantic_cache == "emb"
