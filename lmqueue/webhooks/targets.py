@@ -47,7 +47,7 @@ def check_target(url: str, allow_private: bool) -> None:
     host, port = check_url(url)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
+    except (OSError, UnicodeError, ValueError) as exc:
         raise BadTarget(f"url: cannot resolve {host!r}") from exc
     if allow_private:
         return
