@@ -11,7 +11,18 @@ import lmqueue
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.openapi import install_openapi
-from api.routes import admin, batches, events, files, health, jobs, metrics, models, openai_sync
+from api.routes import (
+    admin,
+    batches,
+    events,
+    files,
+    health,
+    jobs,
+    metrics,
+    models,
+    openai_sync,
+    webhooks,
+)
 from api.routes import scheduler as scheduler_routes
 from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.settings import get_settings
@@ -41,6 +52,7 @@ def create_app() -> FastAPI:
     app.include_router(scheduler_routes.router)
     app.include_router(events.router)  # server-sent events of jobs and batches
     app.include_router(openai_sync.router)  # OpenAI's synchronous endpoints, through the queue
+    app.include_router(webhooks.router)  # signed webhook endpoints per API key
     return app
 
 

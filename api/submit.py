@@ -10,10 +10,11 @@ from sqlalchemy.orm import Session
 
 from api.admission import admit, admitted
 from api.errors import APIError
+from lmqueue import cache, semantic, transitions
 from lmqueue import jobs as q
-from lmqueue import transitions
-from lmqueue.broker import enqueue_jobs
-from lmqueue.metrics import JOBS_SUBMITTED
+from lmqueue.broker import enqueue_jobs, send_semantic_lookup
+from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
+from lmqueue.registry import get_model
 from lmqueue.schemas import EMBEDDINGS
 from lmqueue.settings import get_settings
 from lmqueue.tables import Job
@@ -44,9 +45,12 @@ def submit(
     priority: int | None = None,
     timeout_s: float | None = None,
     idempotency_key: str | None = None,
+    use_cache: bool = True,
 ) -> tuple[Job, bool]:
     """Admit, store, commit, enqueue. Returns (job, created); an idempotent replay is not
-    created again."""
+    created again. A deterministic request found in the key's result cache is answered at once
+    (no worker, no message); one of a model with a semantic cache goes first to the embedding
+    model's worker, which looks for a near neighbour and then sends it on."""
     settings = get_settings()
     if timeout_s is not None and timeout_s > settings.max_job_timeout_s:
         raise APIError(
@@ -56,6 +60,10 @@ def submit(
         )
     admit(session, owner, model, 1, idempotency_key)
     priority = settings.default_priority if priority is None else priority
+    key = cache.cache_key(owner, model, endpoint, body, settings) if use_cache else None
+    source = cache.lookup(session, owner, key, settings) if key else None
+    if key:
+        cache.count(model, "exact", source is not None)
     try:
         job, created = q.create_job(
             session,
@@ -66,13 +74,24 @@ def submit(
             priority=priority,
             idempotency_key=idempotency_key,
             timeout_s=timeout_s,
+            cache_key=None if source is not None else key,
         )
     except q.IdempotencyConflict as exc:
         raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
-    if created:
-        session.commit()  # the store holds the job before any worker can see its message
-        admitted(owner, model)
-        JOBS_SUBMITTED.labels(model).inc()
+    if not created:
+        return job, created
+    if source is not None:
+        transitions.answer_from_cache(session, job, source, {"kind": "exact"})
+    session.commit()  # the store holds the job before any worker can see its message
+    admitted(owner, model)
+    JOBS_SUBMITTED.labels(model).inc()
+    if source is not None:
+        JOBS_FINISHED.labels(model, job.status).inc()
+        return job, created
+    spec = get_model(model)
+    if key and semantic.enabled(spec, endpoint):
+        send_semantic_lookup(spec.semantic_cache, [job.id], priority)
+    else:
         enqueue_jobs(model, [job.id], priority)
-        transitions.mark_enqueued(session, [job.id])
+    transitions.mark_enqueued(session, [job.id])
     return job, created

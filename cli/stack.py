@@ -61,6 +61,9 @@ class Stack:
                 "LMQUEUE_HEARTBEAT_S": "1",
                 # Tests talk to a loopback API without keys; auth tests turn it on in extra_env.
                 "LMQUEUE_AUTH_ENABLED": "false",
+                # Tests and benches measure computation: a repeated prompt must really run.
+                # The result-cache tests turn it on in extra_env.
+                "LMQUEUE_CACHE_ENABLED": "false",
                 "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent),

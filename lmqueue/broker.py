@@ -16,6 +16,7 @@ from lmqueue.contract import (
     PRIORITY_SEP,
     PRIORITY_STEPS,
     TASK_PROCESS_JOBS,
+    TASK_SEMANTIC_LOOKUP,
     ProcessJobs,
     celery_priority,
     queue_name,
@@ -86,6 +87,18 @@ def enqueue_jobs(
         queue=queue_name(model),
         priority=celery_priority(priority),
         producer=producer,
+    )
+    return str(result.id)
+
+
+def send_semantic_lookup(embedder: str, job_ids: Sequence[str], priority: int) -> str:
+    """Send jobs to the embedding model `embedder` for a semantic-cache lookup (it sends them
+    on to their own queue on a miss)."""
+    result = producer_app().send_task(
+        TASK_SEMANTIC_LOOKUP,
+        kwargs=ProcessJobs(job_ids=list(job_ids)).model_dump(),
+        queue=queue_name(embedder),
+        priority=celery_priority(priority),
     )
     return str(result.id)
 

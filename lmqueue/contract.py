@@ -11,6 +11,10 @@ from pydantic import BaseModel, Field
 from lmqueue.settings import Settings, get_settings
 
 TASK_PROCESS_JOBS = "lmqueue.process_jobs"
+# Sent to the queue of a model's semantic-cache embedder, with a ProcessJobs payload (so the
+# reaper reads its job ids like any message): embed the prompt, answer from a near neighbour
+# or send the jobs on to their own model's queue.
+TASK_SEMANTIC_LOOKUP = "lmqueue.semantic_lookup"
 
 # Redis priority sub-queues: kombu stores priority p of queue Q under "Q" (p=0) or "Q:p".
 PRIORITY_STEPS = list(range(10))

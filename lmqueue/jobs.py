@@ -28,6 +28,7 @@ def create_job(
     priority: int,
     idempotency_key: str | None = None,
     timeout_s: float | None = None,
+    cache_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key, return the existing job instead.
 
@@ -49,6 +50,7 @@ def create_job(
         idempotency_key=idempotency_key,
         created_at=created_at,
         deadline_at=created_at + timeout_s if timeout_s else None,
+        cache_key=cache_key,
     )
     try:
         with session.begin_nested():
@@ -152,6 +154,9 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "response": job.result,
         "error": job.error,
     }
+    out["cached"] = job.cache_hit is not None
+    if job.cache_hit is not None:
+        out["cache"] = {"job_id": job.cache_of, **job.cache_hit}
     if job.microbatch_id:
         out["microbatch"] = {"id": job.microbatch_id, "size": job.microbatch_size}
     return out

@@ -32,6 +32,15 @@ ADMISSION_REJECTIONS = Counter(
     "lmqueue_admission_rejections", "Submissions refused with 429, by limit hit", ["limit"]
 )
 
+CACHE_LOOKUPS = Counter(
+    "lmqueue_cache_lookups",
+    "Result-cache lookups by kind (exact, semantic) and result (hit, miss)",
+    ["model", "kind", "result"],
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "lmqueue_webhook_attempts", "Webhook delivery attempts by result (ok, error)", ["result"]
+)
+
 
 # --- scrape-time collectors -------------------------------------------------------------------
 

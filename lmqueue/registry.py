@@ -42,6 +42,11 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int = Field(default=0, ge=0)  # 0 = the global setting
     prefill_budget: int = Field(default=0, ge=0)  # prompt tokens per step; 0 = the global setting
     trust_remote_code: bool = False
+    # Semantic cache (opt-in): the name of an embedding model served here that embeds this
+    # model's prompts; a deterministic request whose prompt is this similar (cosine) to a cached
+    # one, and passes the guards of lmqueue.semantic, gets its answer. "" = off.
+    semantic_cache: str = ""
+    semantic_threshold: float = Field(default=0.92, gt=0.0, le=1.0)
 
     def endpoints(self) -> tuple[str, ...]:
         if self.task == "embed":
@@ -86,9 +91,21 @@ def _from_shortcut(value: str) -> dict[str, ModelSpec]:
     return specs
 
 
+def _check_semantic(specs: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+    """A semantic cache must name an embedding model served here."""
+    for spec in specs.values():
+        embedder = specs.get(spec.semantic_cache) if spec.semantic_cache else None
+        if spec.semantic_cache and (embedder is None or embedder.task != "embed"):
+            raise RegistryError(
+                f"model {spec.name!r}: semantic_cache {spec.semantic_cache!r} must name an "
+                'embedding model (task = "embed") of this registry'
+            )
+    return specs
+
+
 def load_registry(settings: Settings) -> dict[str, ModelSpec]:
     if settings.models_file:
-        return _from_file(settings.models_file)
+        return _check_semantic(_from_file(settings.models_file))
     return _from_shortcut(settings.models)
 
 

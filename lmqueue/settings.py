@@ -169,6 +169,29 @@ class Settings(BaseSettings):
     prefix_min_tokens: int = Field(default=32, ge=0)
     prefix_min_rows: int = Field(default=2, ge=2)
 
+    # --- webhooks (lmqueue.webhooks; delivered by the scheduler process) ---------------------
+    webhook_allow_private_targets: bool = Field(
+        default=False,
+        description="allow webhook URLs on loopback, private or link-local addresses",
+    )
+    webhook_poll_s: float = Field(default=0.25, gt=0, description="how often deliveries run")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="one delivery attempt")
+    webhook_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles")
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_window_s: float = Field(
+        default=3 * 24 * 3600, gt=0, description="retries stop this long after the event"
+    )
+    webhook_max_endpoints_per_key: int = Field(default=10, ge=1)
+
+    # --- result cache (lmqueue.cache) --------------------------------------------------------
+    cache_enabled: bool = Field(
+        default=True, description="exact result cache for deterministic requests"
+    )
+    cache_ttl_s: float = Field(default=24 * 3600, gt=0, description="a cached result's lifetime")
+    cache_max_entries: int = Field(
+        default=100_000, ge=1, description="cached results kept; the oldest leave first"
+    )
+
     @field_validator("models_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:

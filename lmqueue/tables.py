@@ -56,6 +56,10 @@ class Job(Base):
         # Admission control: open jobs per key, and each model's drain rate (finished lately).
         Index("ix_jobs_owner_status", "owner", "status"),
         Index("ix_jobs_model_finished_at", "model", "finished_at"),
+        # Result cache (0007): lookups by key; followers waiting for the line they copy.
+        Index("ix_jobs_cache_key", "cache_key"),
+        Index("ix_jobs_cache_of", "cache_of"),
+        Index("ix_jobs_owner_finished_at", "owner", "finished_at"),  # webhook event scans
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -86,6 +90,12 @@ class Job(Base):
     microbatch_size: Mapped[int | None] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Result cache (lmqueue.cache): a succeeded job with a cache_key is a cache entry; a job
+    # answered from the cache says where from in cache_hit; a batch line identical to an
+    # earlier one (or to a cached job) waits for it in cache_of and copies its outcome.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    cache_of: Mapped[str | None] = mapped_column(String(40))
+    cache_hit: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class FileObject(Base):
@@ -185,3 +195,72 @@ class ScalingEvent(Base):
     current: Mapped[int] = mapped_column(Integer, nullable=False)
     desired: Mapped[int] = mapped_column(Integer, nullable=False)
     reason: Mapped[str] = mapped_column(String(200), nullable=False)
+
+
+class WebhookEndpoint(Base):
+    """Where an API key's events are POSTed, signed with its secret (Standard Webhooks)."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_owner_id", "owner", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default="", nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    events: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    secret: Mapped[str] = mapped_column(String(100), nullable=False)
+    description: Mapped[str] = mapped_column(String(500), default="", nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
+    # Events of objects finished up to here were turned into deliveries (lmqueue.webhooks).
+    scanned_until: Mapped[float] = mapped_column(Float, default=now, nullable=False)
+    deleted_at: Mapped[float | None] = mapped_column(Float)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint; its id is the `webhook-id` of every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_type", "object_id", name="uq_webhook_event"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint_id", "endpoint_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    owner: Mapped[str] = mapped_column(String(64), default="", nullable=False)
+    event_type: Mapped[str] = mapped_column(String(40), nullable=False)
+    object_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    payload: Mapped[str] = mapped_column(Text, nullable=False)  # the exact bytes signed
+    status: Mapped[str] = mapped_column(String(16), default="pending", nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
+    delivered_at: Mapped[float | None] = mapped_column(Float)
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery: what the receiver answered, or why it failed."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
+
+
+class SemanticEntry(Base):
+    """A prompt's embedding for the semantic cache; `job_id` holds the answer once it succeeds.
+    `scope` hashes tenant, model revision, endpoint and every parameter but the prompt."""
+
+    __tablename__ = "semantic_entries"
+    __table_args__ = (Index("ix_semantic_entries_scope_id", "scope", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(64), nullable=False)
+    job_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    vector: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)

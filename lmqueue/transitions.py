@@ -8,6 +8,9 @@
     running -> queued | failed       recover_abandoned (its worker is gone: re-send, or give up)
     queued, stamped enqueued_at      mark_enqueued, mark_resent (who sends its message),
                                      mark_held (a worker holds its message, not yet claimed)
+    queued -> succeeded              answer_from_cache (a result-cache hit, no worker)
+    queued -> succeeded | failed     resolve_followers (a batch line copies the outcome of the
+                                     identical line or cached job it waits for: cache_of)
 
 Every state change is a conditional UPDATE, so two processes racing on one job can never both
 win: a redelivered message finds its job already claimed or finished and does nothing, and a
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Table, and_, bindparam, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from lmqueue.errors import cancelled_error, crashed_error, timeout_error
 from lmqueue.fleet import dead_workers
@@ -283,3 +286,64 @@ def mark_resent(
         )
         out += [(str(i), int(p)) for i, p in result.all()]
     return out
+
+
+# --- the result cache -------------------------------------------------------------------------
+
+
+def answer_from_cache(session: Session, job: Job, source: Job, hit: dict[str, Any]) -> bool:
+    """A queued job takes the stored answer of `source` (lmqueue.cache): it finishes at once,
+    no worker involved. `hit` says how it matched (kind, similarity) and is kept on the job."""
+    t = now()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.SUCCEEDED,
+            result=source.result,
+            prompt_tokens=source.prompt_tokens,
+            completion_tokens=source.completion_tokens,
+            started_at=t,
+            finished_at=t,
+            cache_key=None,  # the entry is `source`; a copy would only crowd the cache
+            cache_hit={**hit, "job_id": source.id},
+        )
+    )
+    session.refresh(job)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def resolve_followers(session: Session, batch_id: str) -> int:
+    """Queued lines of a batch that wait for another job (`cache_of`: an identical earlier
+    line, or a cached job) copy its outcome once it has one. One UPDATE; returns the count."""
+    leader = aliased(Job)
+
+    def of_leader(column: Any) -> Any:
+        return select(column).where(leader.id == Job.cache_of).scalar_subquery()
+
+    done = select(leader.id).where(
+        leader.id == Job.cache_of,
+        leader.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)),
+    )
+    t = now()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.batch_id == batch_id,
+            Job.status == JobStatus.QUEUED,
+            Job.cache_of.is_not(None),
+            done.exists(),
+        )
+        .values(
+            status=of_leader(leader.status),
+            result=of_leader(leader.result),
+            error=of_leader(leader.error),
+            prompt_tokens=of_leader(leader.prompt_tokens),
+            completion_tokens=of_leader(leader.completion_tokens),
+            started_at=t,
+            finished_at=t,
+            cache_hit={"kind": "exact"},
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]

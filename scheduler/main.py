@@ -35,7 +35,7 @@ def build_scheduler() -> Any:
 
 def run() -> int:
     from lmqueue.settings import get_settings
-    from scheduler import metrics
+    from scheduler import metrics, webhooks
 
     settings = get_settings()
     scheduler = build_scheduler()
@@ -57,7 +57,10 @@ def run() -> int:
             settings.scheduler_max_workers,
             settings.scheduler_interval_s,
         )
+        hooks, dispatcher = webhooks.start(settings, stop)
         scheduler.run(stop)
+        hooks.join(timeout=settings.webhook_timeout_s + 5)
+        dispatcher.close()
         return 0
     finally:
         scheduler.close()

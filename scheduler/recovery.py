@@ -47,7 +47,10 @@ def stale_queued(session: Session, model: str, cutoff: float) -> set[str]:
     """Queued jobs of `model` last sent before `cutoff` (never sent: created before it)."""
     sent_at = func.coalesce(Job.enqueued_at, Job.created_at)
     stmt = select(Job.id).where(
-        Job.model == model, Job.status == JobStatus.QUEUED, sent_at < cutoff
+        Job.model == model,
+        Job.status == JobStatus.QUEUED,
+        sent_at < cutoff,
+        Job.cache_of.is_(None),  # a batch line waiting for an identical one has no message
     )
     return {str(i) for i in session.scalars(stmt)}
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 app = Celery("lmqueue-worker")
 app.conf.update(celery_config(get_settings()))
-app.conf.imports = ("worker.tasks",)
+app.conf.imports = ("worker.tasks", "worker.semantic")
 
 
 @worker_init.connect

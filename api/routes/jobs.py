@@ -39,6 +39,9 @@ class SubmitJob(BaseModel):
     stream: bool = Field(
         default=False, description="publish per-step deltas to GET /v1/jobs/{id}/events"
     )
+    cache: bool = Field(
+        default=True, description="false: never answer from (or fill) the result cache"
+    )
 
 
 def _not_found(job_id: str) -> APIError:
@@ -62,6 +65,7 @@ def submit_job(
         priority=req.priority,
         timeout_s=req.timeout,
         idempotency_key=idempotency_key,
+        use_cache=req.cache,
     )
     return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
 

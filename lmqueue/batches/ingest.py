@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
+from lmqueue import cache
 from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, send_lines, start_batch
 from lmqueue.db import get_sessionmaker, session_scope
 from lmqueue.errors import batch_error
@@ -25,6 +26,7 @@ from lmqueue.files import content_path
 from lmqueue.jsonl import LineError, validate_file
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, FileObject, Job, JobStatus, now
+from lmqueue.transitions import resolve_followers
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,39 @@ class Ingested:
     total: int = 0
     by_model: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     errors: list[dict[str, Any]] = field(default_factory=list)
+    followers: int = 0  # lines that copy an identical line or a cached job, never sent
+
+
+@dataclass
+class _Pending:
+    """Valid lines waiting for the next chunk insert, with their result-cache keys."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)
+    leaders: dict[str, str] = field(default_factory=dict)  # cache key -> the job that computes it
+
+
+def _flush(session: Session, batch: Batch, pending: _Pending, out: Ingested, s: Settings) -> None:
+    """Insert the pending rows. A line identical to an earlier line of the batch, or to a live
+    cache entry of its owner, waits for that job (`cache_of`) instead of being sent: the
+    result is computed once (lmqueue.transitions.resolve_followers copies it)."""
+    wanted = {k for k in pending.keys if k and k not in pending.leaders}
+    pending.leaders.update(cache.lookup_many(session, batch.owner, wanted, s))
+    for row, key in zip(pending.rows, pending.keys, strict=True):
+        leader = pending.leaders.get(key) if key else None
+        if leader is not None:
+            row["cache_of"] = leader
+            out.followers += 1
+        else:
+            if key:
+                pending.leaders[key] = row["id"]
+                row["cache_key"] = key
+            out.by_model[row["model"]].append(row["id"])
+        if key:
+            cache.count(row["model"], "exact", leader is not None)
+    if pending.rows:
+        session.execute(insert(JOBS), pending.rows)
+    pending.rows, pending.keys = [], []
 
 
 def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings) -> Ingested:
@@ -55,7 +90,7 @@ def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings
     only collect errors (up to batch_max_errors). The caller commits or rolls back."""
     out = Ingested()
     prefix, t = job_id_prefix(), now()
-    rows: list[dict[str, Any]] = []
+    pending = _Pending()
     lines = validate_file(
         path,
         batch.endpoint,
@@ -65,14 +100,14 @@ def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings
     for item in lines:
         if isinstance(item, LineError):
             out.errors.append(item.as_dict())
-            rows = []
+            pending.rows, pending.keys = [], []
             if len(out.errors) >= settings.batch_max_errors:
                 break
             continue
         if out.errors:
             continue  # keep reading only to report the other invalid lines
         job_id = line_job_id(prefix, item.line_no)
-        rows.append(
+        pending.rows.append(
             _row(
                 batch,
                 job_id,
@@ -84,13 +119,14 @@ def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings
                 settings.batch_priority,
             )
         )
-        out.by_model[item.model].append(job_id)
+        pending.keys.append(
+            cache.cache_key(batch.owner, item.model, batch.endpoint, item.body, settings)
+        )
         out.total += 1
-        if len(rows) >= INSERT_CHUNK:
-            session.execute(insert(JOBS), rows)
-            rows = []
-    if rows and not out.errors:
-        session.execute(insert(JOBS), rows)
+        if len(pending.rows) >= INSERT_CHUNK:
+            _flush(session, batch, pending, out, settings)
+    if not out.errors:
+        _flush(session, batch, pending, out, settings)
     return out
 
 
@@ -120,6 +156,8 @@ def _row(
         # messages are never sent, the batch stays `validating` and recovery re-sends them.
         "enqueued_at": t,
         "attempts": 0,
+        "cache_key": None,  # set by _flush: every row of one executemany has the same keys
+        "cache_of": None,
     }
 
 
@@ -175,6 +213,9 @@ def ingest_batch(batch_id: str) -> None:
 def _enqueue(batch_id: str, result: Ingested, settings: Settings) -> None:
     # If this fails (broker down), the batch stays `validating` and advance_batch re-sends
     # the messages once it is stale (see state._recover_validating).
+    if result.followers:
+        with session_scope() as session:
+            resolve_followers(session, batch_id)  # lines that match a cached job finish now
     send_lines(result.by_model, settings)
     with session_scope() as session:
         start_batch(session, batch_id, now())

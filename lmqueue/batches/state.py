@@ -34,7 +34,7 @@ from lmqueue.errors import batch_error
 from lmqueue.files import generated_file
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, Job, JobStatus, now
-from lmqueue.transitions import cancel_batch_jobs
+from lmqueue.transitions import cancel_batch_jobs, resolve_followers
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def _recover_validating(session: Session, batch: Batch, t: float, settings: Sett
         return
     queued = session.execute(
         select(Job.model, Job.id)
-        .where(Job.batch_id == batch.id, Job.status == JobStatus.QUEUED)
+        .where(Job.batch_id == batch.id, Job.status == JobStatus.QUEUED, Job.cache_of.is_(None))
         .order_by(Job.id)
     ).all()
     any_job = session.scalar(select(func.count()).where(Job.batch_id == batch.id))
@@ -234,6 +234,7 @@ def advance(session: Session, batch: Batch, settings: Settings) -> Counts | None
             return None
     if batch.status in TERMINAL:
         return None
+    resolve_followers(session, batch.id)  # lines waiting for an identical line's result
     counts = job_counts(session, [batch.id])[batch.id]
     if batch.status == FINALIZING:  # left by an older process between two steps
         _finish(session, batch, FINALIZING, COMPLETED, counts)
