@@ -149,6 +149,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "started_at": int(job.started_at) if job.started_at else None,
         "finished_at": int(job.finished_at) if job.finished_at else None,
         "attempts": job.attempts,
+        "task_id": job.task_id,  # the Celery task in Flower that carries it (None before sent)
         "response": job.result,
         "error": job.error,
     }

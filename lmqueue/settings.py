@@ -118,8 +118,11 @@ class Settings(BaseSettings):
     batch_lines_per_message: int = Field(default=32, ge=1, le=1024)
     batch_max_errors: int = Field(default=100, ge=1, description="validation errors reported")
     batch_max_window_s: int = Field(default=30 * 24 * 3600, ge=1)
-    # A batch still `validating` after this long lost its API process: recover or fail it.
-    batch_stale_validation_s: float = Field(default=600.0, gt=0)
+    # A batch still `validating` after this long lost its API process: the scheduler resumes
+    # its ingest (idempotent: line job ids are derived from the batch) or re-sends its lines.
+    batch_stale_validation_s: float = Field(default=120.0, gt=0)
+    # An upload part (.upload-*.part) untouched this long was left by a killed process: swept.
+    upload_part_stale_s: float = Field(default=600.0, gt=0)
 
     # --- scheduler ---------------------------------------------------------------------------
     # Global autoscaling settings, the same for every model (per-model overrides can come later).

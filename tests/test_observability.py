@@ -138,7 +138,7 @@ def test_api_metrics_report_queue_depth(metrics_stack: Stack) -> None:
         text = client.get("/metrics").text
         assert sample(text, "lmqueue_queue_depth", model="idle", state="waiting") == 3
         assert sample(text, "lmqueue_num_requests_waiting", model="idle") == 3
-        assert (sample(text, "lmqueue_jobs_submitted_total", model="idle") or 0) >= 3
+        assert (sample(text, "lmqueue_jobs_submitted_total", model="idle", source="job") or 0) >= 3
 
         # A message delivered and not yet acked counts as reserved, not waiting.
         opts = celery_config(Settings(redis_url=metrics_stack.redis_url))[

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.admission import admit, admitted
@@ -19,7 +20,7 @@ from api.openapi import errors
 from api.pagination import list_page
 from lmqueue import jobs as q
 from lmqueue import transitions
-from lmqueue.broker import enqueue_jobs
+from lmqueue.broker import try_enqueue
 from lmqueue.db import session_scope
 from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from lmqueue.settings import get_settings
@@ -77,13 +78,37 @@ def submit_job(
         )
     except q.IdempotencyConflict as exc:
         raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
-    if created:
-        session.commit()  # the store holds the job before any worker can see its message
-        admitted(owner, model)
-        JOBS_SUBMITTED.labels(model).inc()
-        enqueue_jobs(model, [job.id], priority)
-        transitions.mark_enqueued(session, [job.id])
-    return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
+    if not created:
+        return JSONResponse(q.job_to_dict(job), status_code=200)
+    session.commit()  # the store holds the job before any worker can see its message
+    admitted(owner, model)
+    JOBS_SUBMITTED.labels(model, "job").inc()
+    out = q.job_to_dict(job)
+    # From here on the job is accepted, whatever fails: a 5xx would make a client that retries
+    # on 5xx (the openai SDK does) submit it twice.
+    task_id = try_enqueue(model, [job.id], priority)
+    if task_id is None:
+        out["notice"] = DEFERRED_NOTICE
+    else:
+        out["task_id"] = task_id
+        _mark_sent(session, job.id, task_id)
+    return JSONResponse(out, status_code=202)
+
+
+DEFERRED_NOTICE = (
+    "accepted and stored, but the queue (Redis) is unreachable right now: the job will be sent "
+    "to a worker by the recovery sweep once the queue is back; do not submit it again"
+)
+
+
+def _mark_sent(session: Session, job_id: str, task_id: str) -> None:
+    """Stamp the send. Best effort: if the store fails now, recovery may send it once more
+    (harmless: a job runs once however many messages name it)."""
+    try:
+        transitions.mark_enqueued(session, [job_id], task_id)
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
 
 
 def _load(owner: str, job_id: str) -> Job | None:
