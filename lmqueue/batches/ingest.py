@@ -77,9 +77,7 @@ def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings
         if out.errors:
             continue  # keep reading only to report the other invalid lines
         job_id = line_job_id(prefix, item.line_no)
-        row = _row(
-            batch, job_id, item.line_no, item.custom_id, item.model, item.body, t, settings
-        )
+        row = _row(batch, job_id, item.line_no, item.custom_id, item.model, item.body, t, settings)
         # The message that will carry this line (send_lines sends in this same order).
         models = list(out.by_model)
         m = models.index(item.model) if item.model in out.by_model else len(models)

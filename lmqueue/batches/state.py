@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 
 from lmqueue.batches import BatchInputError
 from lmqueue.broker import enqueue_in_messages
-from lmqueue.errors import batch_error
 from lmqueue.files import generated_file
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, Job, JobStatus, now
