@@ -101,6 +101,13 @@ def open_job_counts(session: Session) -> dict[tuple[str, str], int]:
     return {(m, s): int(n) for m, s, n in session.execute(stmt)}
 
 
+def finished_since(session: Session, t: float, models: Sequence[str]) -> int:
+    """Jobs of `models` that reached a final state after `t` (the scheduler's summary line; on
+    the index (model, finished_at))."""
+    stmt = select(func.count()).where(Job.model.in_(list(models)), Job.finished_at > t)
+    return int(session.scalar(stmt) or 0)
+
+
 # --- what a worker reads (it changes nothing: lmqueue.transitions does) ----------------------
 
 

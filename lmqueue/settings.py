@@ -69,6 +69,18 @@ class Settings(BaseSettings):
     flower_port: int = 5555
 
     # --- operations ----------------------------------------------------------------------------
+    log_level: str = Field(
+        default="WARNING",
+        description="console level of every process (INFO: everything; `lmqueue up --verbose`)",
+    )
+    log_levels: str = Field(
+        default="", description="per component, e.g. 'scheduler=INFO,worker=DEBUG' (api, flower)"
+    )
+    summary_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="the scheduler's summary line (jobs/s, queue, workers), 0 = off",
+    )
     auth_enabled: bool = Field(
         default=True,
         description="API keys required; off only for a loopback-bound local run (lmqueue up)",

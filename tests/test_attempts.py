@@ -10,9 +10,9 @@ import pytest
 
 from cli.procs import wait_until
 from cli.stack import Stack
-from tests.test_continuous_worker import (  # noqa: F401 (long_model_dir is a fixture)
+from tests.conftest import MODEL_CACHE
+from tests.test_continuous_worker import (
     LONG,
-    long_model_dir,
     queue_empty,
     status,
     submit,
@@ -22,8 +22,17 @@ from tests.test_continuous_worker import (  # noqa: F401 (long_model_dir is a fi
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def long_model_dir() -> Path:
+    from worker.demo_model import build_demo_model
+
+    return build_demo_model(MODEL_CACHE / "tiny-long", size="tiny-long")
+
+
 def test_prefetched_jobs_spend_no_attempt_when_their_worker_dies(
-    redis_url: str, long_model_dir: Path, tmp_path: Path  # noqa: F811
+    redis_url: str,
+    long_model_dir: Path,
+    tmp_path: Path,
 ) -> None:
     st = Stack(
         f"sqlite:///{tmp_path / 'lmqueue.db'}",
