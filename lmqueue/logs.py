@@ -18,6 +18,8 @@ STATUS = "lmqueue.status"  # the logger whose lines always show
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NOISY = ("alembic", "httpx", "httpcore", "urllib3", "torch", "torchao", "transformers", "kombu")
 COMPONENTS = ("api", "worker", "scheduler", "flower", "cli")
+# Whoever configures the handlers (setup_logging, or Celery in a worker), status lines pass.
+logging.getLogger(STATUS).setLevel(logging.INFO)
 
 
 def component_level(component: str, settings: Settings | None = None) -> int:

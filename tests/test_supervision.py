@@ -57,7 +57,6 @@ def up_env(tmp_path: Path, redis_url: str, model_dir: Path) -> dict[str, str]:
             "LMQUEUE_EMBEDDED_REDIS": "never",
             "LMQUEUE_FLOWER_PORT": str(free_port()),
             "LMQUEUE_SCHEDULER_METRICS_PORT": str(free_port()),
-            "LMQUEUE_HEARTBEAT_S": "1",
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
         }
