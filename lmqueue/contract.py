@@ -53,17 +53,22 @@ def describe_job_ids(job_ids: list[str]) -> str:
     """A short, complete rendering of a message's job ids for Flower (which cuts task
     arguments at about 1,024 characters): ids sharing a prefix and ending in a hex line number
     (batch lines) become line ranges, e.g. "job_18c...a1b2c3[1-29,31-33] (32 jobs)"."""
+    if len(job_ids) == 1:
+        return job_ids[0]
     groups: dict[str, list[int]] = {}
     singles: list[str] = []
     for job_id in job_ids:
         head, tail = job_id[:-LINE_DIGITS], job_id[-LINE_DIGITS:]
         try:
-            groups.setdefault(head, []).append(int(tail, 16))
+            line = int(tail, 16)
         except ValueError:
             singles.append(job_id)
-    parts = singles + [f"{head}[{_ranges(sorted(lines))}]" for head, lines in groups.items()]
-    if len(job_ids) == 1:
-        return job_ids[0]
+            continue
+        groups.setdefault(head, []).append(line)
+    parts = singles + [
+        f"{head}{lines[0]:08x}" if len(lines) == 1 else f"{head}[{_ranges(sorted(lines))}]"
+        for head, lines in groups.items()
+    ]
     return f"{' '.join(parts)} ({len(job_ids)} jobs)"
 
 
