@@ -25,6 +25,7 @@ from api.routes import (
 )
 from api.routes import scheduler as scheduler_routes
 from lmqueue.exposure import api_problems, ensure_safe
+from lmqueue.files import sweep_stale_parts
 from lmqueue.settings import get_settings
 
 
@@ -33,6 +34,8 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     # Refuse to serve other machines without keys or with placeholder secrets. The host setting
     # is the bind address: `lmqueue api` passes its --host on in LMQUEUE_API_HOST.
     ensure_safe(api_problems(get_settings()), "the API")
+    # Parts of uploads a killed process left (the scheduler sweeps them periodically too).
+    sweep_stale_parts()
     yield
 
 

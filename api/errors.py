@@ -9,6 +9,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import OperationalError as StoreOperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmqueue.errors import INVALID_REQUEST, SERVER_ERROR, describe_validation, error_body
@@ -59,6 +62,29 @@ async def _http_error(_req: Request, exc: Exception) -> JSONResponse:
     )
 
 
+STORE_RETRY_AFTER_S = 5  # a store outage (restart, failover) usually lasts seconds
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Is this the store being unreachable (not a bug, not bad input)?"""
+    if isinstance(exc, StoreOperationalError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+async def _store_error(_req: Request, exc: Exception) -> JSONResponse:
+    """The store is unreachable: 503 with Retry-After. Nothing was created (every write commits
+    before it answers), so the client may simply retry."""
+    if not store_unavailable(exc):
+        raise exc
+    message = "the job store (database) is unreachable; nothing was created, retry later"
+    return JSONResponse(
+        error_body(message, SERVER_ERROR, None, "store_unavailable"),
+        503,
+        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+    )
+
+
 def _routes(routes: Iterable[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(prefix, route) for every route, through FastAPI's lazily included routers."""
     for route in routes:
@@ -92,3 +118,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _store_error)
+    app.add_exception_handler(PoolTimeout, _store_error)

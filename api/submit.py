@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.admission import admit, admitted
 from api.errors import APIError
 from lmqueue import cache, semantic, transitions
 from lmqueue import jobs as q
-from lmqueue.broker import enqueue_jobs, send_semantic_lookup
+from lmqueue.broker import BROKER_ERRORS, enqueue_jobs, send_semantic_lookup
 from lmqueue.metrics import JOBS_FINISHED, JOBS_SUBMITTED
 from lmqueue.registry import get_model
 from lmqueue.schemas import EMBEDDINGS
@@ -46,11 +47,14 @@ def submit(
     timeout_s: float | None = None,
     idempotency_key: str | None = None,
     use_cache: bool = True,
-) -> tuple[Job, bool]:
-    """Admit, store, commit, enqueue. Returns (job, created); an idempotent replay is not
-    created again. A deterministic request found in the key's result cache is answered at once
-    (no worker, no message); one of a model with a semantic cache goes first to the embedding
-    model's worker, which looks for a near neighbour and then sends it on."""
+) -> tuple[Job, bool, str | None]:
+    """Admit, store, commit, enqueue. Returns (job, created, notice); an idempotent replay is
+    not created again. Once committed the job is accepted whatever fails next: with Redis
+    unreachable it is sent by the recovery sweep later and `notice` says so (a 5xx would make a
+    client that retries on 5xx, as the openai SDK does, submit it twice). A deterministic
+    request found in the key's result cache is answered at once (no worker, no message); one
+    of a model with a semantic cache goes first to the embedding model's worker, which looks
+    for a near neighbour and then sends it on."""
     settings = get_settings()
     if timeout_s is not None and timeout_s > settings.max_job_timeout_s:
         raise APIError(
@@ -79,19 +83,38 @@ def submit(
     except q.IdempotencyConflict as exc:
         raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
     if not created:
-        return job, created
+        return job, created, None
     if source is not None:
         transitions.answer_from_cache(session, job, source, {"kind": "exact"})
     session.commit()  # the store holds the job before any worker can see its message
     admitted(owner, model)
-    JOBS_SUBMITTED.labels(model).inc()
+    JOBS_SUBMITTED.labels(model, "job").inc()
     if source is not None:
         JOBS_FINISHED.labels(model, job.status).inc()
-        return job, created
+        return job, created, None
     spec = get_model(model)
-    if key and semantic.enabled(spec, endpoint):
-        send_semantic_lookup(spec.semantic_cache, [job.id], priority)
-    else:
-        enqueue_jobs(model, [job.id], priority)
-    transitions.mark_enqueued(session, [job.id])
-    return job, created
+    try:
+        if key and semantic.enabled(spec, endpoint):
+            task_id = send_semantic_lookup(spec.semantic_cache, [job.id], priority)
+        else:
+            task_id = enqueue_jobs(model, [job.id], priority)
+    except BROKER_ERRORS:
+        return job, created, DEFERRED_NOTICE
+    _mark_sent(session, job.id, task_id)
+    return job, created, None
+
+
+DEFERRED_NOTICE = (
+    "accepted and stored, but the queue (Redis) is unreachable right now: the job will be sent "
+    "to a worker by the recovery sweep once the queue is back; do not submit it again"
+)
+
+
+def _mark_sent(session: Session, job_id: str, task_id: str) -> None:
+    """Stamp the send. Best effort: if the store fails now, recovery may send it once more
+    (harmless: a job runs once however many messages name it)."""
+    try:
+        transitions.mark_enqueued(session, [job_id], task_id)
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import httpx
 
-from cli.client import api_client, checked
+from cli.client import api_client, checked, common_options
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -63,8 +63,13 @@ def _download(client: httpx.Client, file_id: str, dest: Path) -> int:
     return lines
 
 
+PLAIN_EVERY_S = 10.0  # without a terminal: one progress line this often
+
+
 def _follow(client: httpx.Client, batch: dict[str, Any], poll_s: float) -> dict[str, Any]:
-    """Poll until the batch is terminal, with a tqdm bar: done/total, rate and ETA."""
+    """Poll until the batch is terminal: a tqdm bar on a terminal, plain lines otherwise."""
+    if not sys.stderr.isatty():
+        return _follow_plain(client, batch, poll_s)
     from tqdm import tqdm
 
     with tqdm(total=None, unit="req", desc=batch["id"], file=sys.stderr, dynamic_ncols=True) as bar:
@@ -81,6 +86,26 @@ def _follow(client: httpx.Client, batch: dict[str, Any], poll_s: float) -> dict[
                 return batch
             time.sleep(poll_s)
             batch = checked(client.get(f"/v1/batches/{batch['id']}"))
+
+
+def _follow_plain(client: httpx.Client, batch: dict[str, Any], poll_s: float) -> dict[str, Any]:
+    """Progress for logs and pipes: a line every PLAIN_EVERY_S seconds, and at the end."""
+    next_line = 0.0
+    while True:
+        done = batch["status"] in TERMINAL
+        if done or time.monotonic() >= next_line:
+            c = batch["request_counts"]
+            print(
+                f"{batch['id']}: {batch['status']}, {c['completed']} completed, "
+                f"{c['failed']} failed of {c['total']}",
+                file=sys.stderr,
+                flush=True,
+            )
+            next_line = time.monotonic() + PLAIN_EVERY_S
+        if done:
+            return batch
+        time.sleep(poll_s)
+        batch = checked(client.get(f"/v1/batches/{batch['id']}"))
 
 
 def _upload(client: httpx.Client, path: Path) -> dict[str, Any]:
@@ -203,6 +228,13 @@ def add_batch_commands(sub: Any) -> None:
     """Register `lmqueue batch ...` on the main parser's subparsers."""
     p = sub.add_parser("batch", help="bulk JSONL batches (OpenAI Batch API)")
     bsub = p.add_subparsers(dest="batch_command", required=True)
+    common = common_options()
+    plain_add = bsub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return plain_add(name, parents=[common], **kw)
+
+    bsub.add_parser = add_parser  # type: ignore[method-assign]
 
     run = bsub.add_parser("run", help="upload a JSONL file, follow the batch, download results")
     run.add_argument("input", type=Path, help="OpenAI Batch input file (JSONL)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import httpx
@@ -25,3 +26,21 @@ def checked(resp: httpx.Response) -> dict[str, Any]:
         raise SystemExit(f"error {resp.status_code}: {msg}")
     data: dict[str, Any] = resp.json()
     return data
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes (`lmqueue submit --url ...`): a parent parser. Their
+    defaults are set once on the main parser (SUPPRESS here: a nested subcommand that does not
+    see the option must not reset what an outer one parsed)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log everything (INFO), not only problems",
+    )
+    p.add_argument(
+        "--url", default=argparse.SUPPRESS, help="the API's URL (default LMQUEUE_API_URL)"
+    )
+    return p

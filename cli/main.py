@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from cli.batch import add_batch_commands
-from cli.client import api_client, checked
+from cli.client import api_client, checked, common_options
 from cli.keys import add_keys_commands
 from lmqueue.commands import flower_argv, worker_argv
-from lmqueue.settings import get_settings
+from lmqueue.logs import setup_logging, status
+from lmqueue.settings import get_settings, reset_settings
 from scheduler.main import add_scheduler_commands
 
 log = logging.getLogger("lmqueue")
@@ -38,7 +41,6 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lmqueue.exposure import ExposureError, api_problems, ensure_safe
-    from lmqueue.settings import reset_settings
 
     s = get_settings()
     host = args.host or s.api_host
@@ -50,7 +52,16 @@ def cmd_api(args: argparse.Namespace) -> int:
     except ExposureError as exc:
         print(f"lmqueue: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run("api.app:app", host=host, port=args.port or s.api_port, log_level="info")
+    port = args.port or s.api_port
+    level = setup_logging("api", args.verbose)
+    status("api listening on http://%s:%d", host, port)
+    uvicorn.run(
+        "api.app:app",
+        host=host,
+        port=port,
+        log_level=logging.getLevelName(level).lower(),
+        access_log=level <= logging.INFO,  # a line per request only when asked for
+    )
     return 0
 
 
@@ -87,6 +98,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from cli.local import run_local_stack
+
+    if args.verbose:  # the children read it: every process of the stack logs at INFO
+        os.environ["LMQUEUE_LOG_LEVEL"] = "INFO"
 
     return run_local_stack(port=args.port, flower=not args.no_flower, workers=args.workers)
 
@@ -157,8 +171,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmqueue", description=__doc__)
+    common = common_options()
+    p = argparse.ArgumentParser(prog="lmqueue", description=__doc__, parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
+    plain_add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return plain_add(name, parents=[common], **kw)  # every subcommand takes them
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     up = sub.add_parser("up", help="run the whole stack locally (embedded defaults)")
     up.add_argument("--port", type=int, default=None, help="API port (default 8000)")
@@ -220,9 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
-    return int(args.fn(args))
+    # Shared options default to "absent" (see cli.client.common_options).
+    args.verbose, args.url = getattr(args, "verbose", False), getattr(args, "url", None)
+    if args.url:  # before anything reads the settings
+        os.environ["LMQUEUE_API_URL"] = args.url
+        reset_settings()
+    setup_logging("cli", args.verbose)
+    try:
+        return int(args.fn(args))
+    except httpx.TransportError as exc:
+        url = get_settings().api_url
+        print(
+            f"lmqueue: cannot reach the API at {url} ({type(exc).__name__}: {exc}); is it "
+            "running (`lmqueue up`)? Point the CLI at it with --url or LMQUEUE_API_URL",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

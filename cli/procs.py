@@ -17,6 +17,8 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from lmqueue.lifeline import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,6 +77,7 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 (a test run killed leaves no orphans)
         )
 
     @property

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from lmqueue.contract import (
     PRIORITY_SEP,
@@ -18,12 +19,19 @@ from lmqueue.contract import (
     TASK_PROCESS_JOBS,
     TASK_SEMANTIC_LOOKUP,
     ProcessJobs,
+    batch_task_id,
     celery_priority,
+    describe_job_ids,
     queue_name,
 )
 from lmqueue.settings import Settings, get_settings
 
 PUBLISH_PIPELINE = 500  # Redis commands buffered per pipelined round trip
+# What a send raises when Redis is down or unreachable.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (KombuOperationalError, redis.RedisError, OSError)
+# A send while Redis is down gives up after about a second: the caller has stored the job and
+# the scheduler's recovery sweep sends it once Redis is back, so there is no point waiting.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -49,6 +57,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,  # Flower shows each request's task and state
         "task_send_sent_event": True,
         "task_track_started": True,
+        "task_publish_retry_policy": PUBLISH_RETRY,
+        "broker_connection_timeout": 2.0,
     }
 
 
@@ -74,6 +84,7 @@ def enqueue_jobs(
     priority: int,
     app: Celery | None = None,
     producer: Any = None,
+    task_id: str | None = None,
 ) -> str:
     """Send one message for `job_ids` (all of `model`) to the model's queue; returns the task id.
 
@@ -87,6 +98,10 @@ def enqueue_jobs(
         queue=queue_name(model),
         priority=celery_priority(priority),
         producer=producer,
+        task_id=task_id,
+        # Flower cuts arguments at ~1 KB: show every job of the message in a compact form.
+        argsrepr="()",
+        kwargsrepr=f"{{'job_ids': '{describe_job_ids(payload.job_ids)}'}}",
     )
     return str(result.id)
 
@@ -103,6 +118,15 @@ def send_semantic_lookup(embedder: str, job_ids: Sequence[str], priority: int) -
     return str(result.id)
 
 
+def try_enqueue(model: str, job_ids: Sequence[str], priority: int) -> str | None:
+    """enqueue_jobs, or None when Redis cannot take the message now. Only for jobs already
+    committed to the store: their message is sent by recovery (scheduler.recovery) later."""
+    try:
+        return enqueue_jobs(model, job_ids, priority)
+    except BROKER_ERRORS:
+        return None
+
+
 def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
     try:
         client = redis.Redis.from_url(
@@ -116,17 +140,20 @@ def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def enqueue_in_messages(by_model: Mapping[str, Sequence[str]], per: int, priority: int) -> int:
+def enqueue_in_messages(
+    by_model: Mapping[str, Sequence[str]], per: int, priority: int, batch_id: str | None = None
+) -> int:
     """Send the jobs of each model in messages of `per` ids, in order, through one producer
     whose publishes are pipelined to Redis (kombu's Producer.batch): one round trip per message
-    would cost more than validating and inserting a batch's lines. Returns the number of
-    messages."""
+    would cost more than validating and inserting a batch's lines. With `batch_id`, message k of
+    the m-th model has task id batch_task_id(batch_id, m, k). Returns the number of messages."""
     app = producer_app()
     sent = 0
     with app.producer_or_acquire() as producer, _pipelined(producer):
-        for model, ids in by_model.items():
-            for i in range(0, len(ids), per):
-                enqueue_jobs(model, ids[i : i + per], priority, app, producer)
+        for m, (model, ids) in enumerate(by_model.items()):
+            for k, i in enumerate(range(0, len(ids), per)):
+                task_id = batch_task_id(batch_id, m, k) if batch_id else None
+                enqueue_jobs(model, ids[i : i + per], priority, app, producer, task_id)
                 sent += 1
     return sent
 

@@ -6,10 +6,12 @@ backend, the test stack) starts the same process with the same options.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from lmqueue.contract import queue_name
+from lmqueue.logs import level_name
 
 CELERY_APP = "worker.celery_app"
 
@@ -18,13 +20,17 @@ def worker_argv(
     model: str, concurrency: int, queue: str | None = None, module: str = "celery"
 ) -> list[str]:
     """`python -m celery ... worker` for one model's queue. `module` is the program run with
-    `python -m`: tests and benches pass a wrapper that installs a stand-in engine first."""
+    `python -m`: tests and benches pass a wrapper that installs a stand-in engine first. Below
+    INFO (the default) the start banner is left out too: the worker prints one status line."""
+    level = level_name("worker")
+    quiet = [] if logging.getLevelName(level) <= logging.INFO else ["--quiet"]
     return [
         sys.executable,
         "-m",
         module,
         "-A",
         CELERY_APP,
+        *quiet,
         "worker",
         "--pool",
         "threads",
@@ -37,7 +43,7 @@ def worker_argv(
         "--hostname",
         f"{model.replace('/', '_')}-%h-{os.getpid()}@%h",
         "--loglevel",
-        "INFO",
+        level,
         "--without-mingle",
         "--without-gossip",
     ]
@@ -53,4 +59,5 @@ def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
         "flower",
         f"--port={port}",
         f"--address={address}",
+        f"--logging={level_name('flower').lower()}",  # tornado's option: no INFO by default
     ]

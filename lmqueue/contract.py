@@ -52,3 +52,50 @@ DELTA_START = "s"  # present on a worker's first entry for a job: a (re)started 
 def delta_stream_key(job_id: str, settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     return f"{settings.queue_prefix}:deltas:{job_id}"
+
+
+# --- what Flower shows ------------------------------------------------------------------------
+
+LINE_DIGITS = 8  # a batch line's job id ends in its line number, 8 hex digits
+
+
+def batch_task_id(batch_id: str, model_index: int, message_index: int) -> str:
+    """The task id of a batch's message: known before it is sent, so every line's row carries
+    it from its insert (no UPDATE of 50k rows after sending)."""
+    return f"{batch_id}-m{model_index}-{message_index}"
+
+
+def describe_job_ids(job_ids: list[str]) -> str:
+    """A short, complete rendering of a message's job ids for Flower (which cuts task
+    arguments at about 1,024 characters): ids sharing a prefix and ending in a hex line number
+    (batch lines) become line ranges, e.g. "job_18c...a1b2c3[1-29,31-33] (32 jobs)"."""
+    if len(job_ids) == 1:
+        return job_ids[0]
+    groups: dict[str, list[int]] = {}
+    singles: list[str] = []
+    for job_id in job_ids:
+        head, tail = job_id[:-LINE_DIGITS], job_id[-LINE_DIGITS:]
+        try:
+            line = int(tail, 16)
+        except ValueError:
+            singles.append(job_id)
+            continue
+        groups.setdefault(head, []).append(line)
+    parts = singles + [
+        f"{head}{lines[0]:08x}" if len(lines) == 1 else f"{head}[{_ranges(sorted(lines))}]"
+        for head, lines in groups.items()
+    ]
+    return f"{' '.join(parts)} ({len(job_ids)} jobs)"
+
+
+def _ranges(numbers: list[int]) -> str:
+    out: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(out)

@@ -77,6 +77,25 @@ class UploadSink:
         os.replace(self.path, final)
 
 
+PART_GLOB = ".upload-*.part"
+
+
+def sweep_stale_parts(settings: Settings | None = None, t: float | None = None) -> int:
+    """Delete upload parts nobody has written to for `upload_part_stale_s`: left by a process
+    killed mid-upload (a live upload touches its part with every chunk). Returns how many."""
+    settings = settings or get_settings()
+    directory, cutoff = files_dir(settings), (t or now()) - settings.upload_part_stale_s
+    removed = 0
+    for part in directory.glob(PART_GLOB) if directory.is_dir() else ():
+        try:
+            if part.stat().st_mtime < cutoff:
+                part.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished or swept by another process meanwhile
+            continue
+    return removed
+
+
 def store_upload(
     session: Session, sink: UploadSink, *, owner: str, filename: str, purpose: str
 ) -> FileObject:

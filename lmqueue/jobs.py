@@ -103,6 +103,13 @@ def open_job_counts(session: Session) -> dict[tuple[str, str], int]:
     return {(m, s): int(n) for m, s, n in session.execute(stmt)}
 
 
+def finished_since(session: Session, t: float, models: Sequence[str]) -> int:
+    """Jobs of `models` that reached a final state after `t` (the scheduler's summary line; on
+    the index (model, finished_at))."""
+    stmt = select(func.count()).where(Job.model.in_(list(models)), Job.finished_at > t)
+    return int(session.scalar(stmt) or 0)
+
+
 # --- what a worker reads (it changes nothing: lmqueue.transitions does) ----------------------
 
 
@@ -151,6 +158,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "started_at": int(job.started_at) if job.started_at else None,
         "finished_at": int(job.finished_at) if job.finished_at else None,
         "attempts": job.attempts,
+        "task_id": job.task_id,  # the Celery task in Flower that carries it (None before sent)
         "response": job.result,
         "error": job.error,
     }

@@ -87,6 +87,9 @@ def check_line(raw: bytes, line: int, endpoint: str) -> tuple[str, str, dict[str
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _LineProblem(LineError(line, "invalid_json_line", f"invalid JSON: {exc}")) from exc
+    except RecursionError as exc:  # e.g. 100,000 nested brackets: Python's parser gives up
+        msg = "invalid JSON: nested too deeply"
+        raise _LineProblem(LineError(line, "invalid_json_line", msg)) from exc
     if not isinstance(obj, dict):
         raise _LineProblem(LineError(line, "invalid_json_line", "a line must be a JSON object"))
     custom_id = _field(obj, "custom_id", line)
@@ -107,6 +110,9 @@ def check_line(raw: bytes, line: int, endpoint: str) -> tuple[str, str, dict[str
     except InvalidRequest as exc:
         param = _body_param(exc.param)
         raise _LineProblem(LineError(line, exc.code, exc.message, param)) from exc
+    except RecursionError as exc:  # parsed, but too deep for the body's checks
+        msg = "the body is nested too deeply"
+        raise _LineProblem(LineError(line, "invalid_value", msg, "body")) from exc
     return custom_id, model, full
 
 

@@ -22,7 +22,11 @@ from lmqueue.kombu_redis import reserved_counts, waiting_messages
 log = logging.getLogger(__name__)
 
 # --- requests ---------------------------------------------------------------------------------
-JOBS_SUBMITTED = Counter("lmqueue_jobs_submitted", "Jobs accepted by the API", ["model"])
+JOBS_SUBMITTED = Counter(
+    "lmqueue_jobs_submitted",
+    "Jobs accepted: single submits (source=job) and batch lines (source=batch)",
+    ["model", "source"],
+)
 JOBS_FINISHED = Counter(
     "lmqueue_jobs_finished",
     "Jobs by final state (succeeded, failed, cancelled)",

@@ -82,6 +82,18 @@ class Settings(BaseSettings):
     flower_port: int = 5555
 
     # --- operations ----------------------------------------------------------------------------
+    log_level: str = Field(
+        default="WARNING",
+        description="console level of every process (INFO: everything; `lmqueue up --verbose`)",
+    )
+    log_levels: str = Field(
+        default="", description="per component, e.g. 'scheduler=INFO,worker=DEBUG' (api, flower)"
+    )
+    summary_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="the scheduler's summary line (jobs/s, queue, workers), 0 = off",
+    )
     auth_enabled: bool = Field(
         default=True,
         description="API keys required; off only for a loopback-bound local run (lmqueue up)",
@@ -131,8 +143,11 @@ class Settings(BaseSettings):
     batch_lines_per_message: int = Field(default=32, ge=1, le=1024)
     batch_max_errors: int = Field(default=100, ge=1, description="validation errors reported")
     batch_max_window_s: int = Field(default=30 * 24 * 3600, ge=1)
-    # A batch still `validating` after this long lost its API process: recover or fail it.
-    batch_stale_validation_s: float = Field(default=600.0, gt=0)
+    # A batch still `validating` after this long lost its API process: the scheduler resumes
+    # its ingest (idempotent: line job ids are derived from the batch) or re-sends its lines.
+    batch_stale_validation_s: float = Field(default=120.0, gt=0)
+    # An upload part (.upload-*.part) untouched this long was left by a killed process: swept.
+    upload_part_stale_s: float = Field(default=600.0, gt=0)
 
     # --- scheduler ---------------------------------------------------------------------------
     # Global autoscaling settings, the same for every model (per-model overrides can come later).

@@ -78,6 +78,8 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
     enqueued_at: Mapped[float | None] = mapped_column(Float)
+    # The Celery task (message) that last carried the job: find it in Flower, and back.
+    task_id: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     # A running job belongs to `worker` until `lease_expires_at`; the worker renews the lease.

@@ -252,8 +252,22 @@ def recover_abandoned(
 # --- sending ----------------------------------------------------------------------------------
 
 
-def mark_enqueued(session: Session, job_ids: Sequence[str]) -> None:
-    session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now()))
+def mark_enqueued(session: Session, job_ids: Sequence[str], task_id: str | None = None) -> None:
+    values: dict[str, Any] = {"enqueued_at": now()}
+    if task_id is not None:
+        values["task_id"] = task_id
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(**values))
+
+
+def record_task(session: Session, job_ids: Sequence[str], task_id: str) -> None:
+    """Remember the message (Celery task id) that now carries `job_ids` (a re-send)."""
+    for chunk in in_chunks(job_ids):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(chunk))
+            .values(task_id=task_id)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def mark_held(session: Session, job_ids: Sequence[str], t: float) -> None:

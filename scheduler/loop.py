@@ -13,6 +13,8 @@ import redis
 
 from lmqueue.db import session_scope
 from lmqueue.fleet import WORKER_LOST, mark_workers, record_scaling_event
+from lmqueue.jobs import finished_since
+from lmqueue.logs import status
 from lmqueue.settings import Settings
 from scheduler import metrics
 from scheduler.backends.base import Backend
@@ -87,6 +89,34 @@ class ModelScaler:
         return changed
 
 
+class Summary:
+    """The console's periodic line: jobs finished per second, queue, workers. Printed every
+    `interval_s` while there is work or something finished, so an idle stack stays silent."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._since = time.time()
+        self._quiet = True  # the last line reported nothing to do
+
+    def tick(self, t: float, decisions: list[Decision]) -> None:
+        if not self.interval_s or t - self._since < self.interval_s:
+            return
+        with session_scope() as session:
+            finished = finished_since(session, self._since, [d.model for d in decisions])
+        backlog = sum(d.backlog.total for d in decisions)
+        workers = sum(d.current for d in decisions)
+        rate, self._since = finished / max(1e-9, t - self._since), t
+        if finished or backlog or not self._quiet:
+            status(
+                "%.1f jobs/s (%d finished), %d waiting or running, %d workers",
+                rate,
+                finished,
+                backlog,
+                workers,
+            )
+        self._quiet = not finished and not backlog
+
+
 class Scheduler:
     def __init__(
         self,
@@ -100,6 +130,7 @@ class Scheduler:
         self.backends, self.queues = dict(backends), dict(queues)
         limits = limits_from(settings)
         self.scalers = {m: ModelScaler(m, queues[m], b, limits) for m, b in self.backends.items()}
+        self.summary = Summary(settings.summary_interval_s)
 
     def tick(self, t: float | None = None) -> list[Decision]:
         t = time.time() if t is None else t
@@ -111,6 +142,7 @@ class Scheduler:
             backlogs = measure(self.client, session, self.queues)
         decisions = [self.scalers[m].step(backlogs[m], t) for m in self.scalers]
         self._record(decisions, lost)
+        self.summary.tick(t, decisions)
         return decisions
 
     def _notice_dead_workers(self) -> dict[str, list[str]]:

@@ -34,9 +34,11 @@ def build_scheduler() -> Any:
 
 
 def run() -> int:
+    from lmqueue.logs import setup_logging, status
     from lmqueue.settings import get_settings
     from scheduler import metrics, webhooks
 
+    setup_logging("scheduler")
     settings = get_settings()
     scheduler = build_scheduler()
     stop = threading.Event()
@@ -49,7 +51,7 @@ def run() -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         metrics.serve(settings.scheduler_metrics_port)
-        log.info(
+        status(
             "scheduler started: backend %s, models %s, workers %d..%d, every %ss",
             settings.scheduler_backend,
             ", ".join(scheduler.queues) or "(none)",
@@ -73,7 +75,6 @@ def add_scheduler_commands(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     argparse.ArgumentParser(prog="lmqueue scheduler", description=__doc__).parse_args(argv)
     return run()
 

@@ -8,6 +8,8 @@ The rules run through lmqueue.transitions (the one place that changes a job's st
 - A running job whose worker is dead (the scheduler saw it exit, it shut down, or its heartbeat
   went silent) or whose lease expired goes back to `queued` with a new message; one that has
   already been claimed `max_attempts` times fails with `worker_crashed` instead of looping.
+- Housekeeping, with the lost-message scan: a batch whose ingest was interrupted (its API
+  process died) is ingested again; upload parts left by a killed upload are deleted.
 - A queued job whose message is in no queue list and in no live unacked entry for longer than
   `recovery_grace_s` gets a new message. Unacked entries older than the grace whose jobs nobody
   runs are dropped: their holder is gone and kombu would only restore them after the visibility
@@ -28,13 +30,21 @@ import redis
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from lmqueue.batches.ingest import resume_interrupted_ingests
 from lmqueue.batches.state import advance_batches
 from lmqueue.broker import enqueue_jobs
 from lmqueue.db import session_scope
+from lmqueue.files import sweep_stale_parts
 from lmqueue.kombu_redis import forget_reserved, queued_job_ids, reserved_messages
 from lmqueue.settings import Settings
 from lmqueue.tables import Job, JobStatus
-from lmqueue.transitions import in_chunks, mark_resent, recover_abandoned, time_out
+from lmqueue.transitions import (
+    in_chunks,
+    mark_resent,
+    record_task,
+    recover_abandoned,
+    time_out,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +108,15 @@ class Reaper:
         counts["worker_crashed"] = len(crashed)
         counts["worker_lost"] = len(requeued)
         for job_id, model, priority in requeued:
-            self._send(model, [job_id], priority)
+            self._resend(model, job_id, priority)
         if crashed or requeued:
             log.warning("recovered %d abandoned jobs; %d failed", len(requeued), len(crashed))
         if t >= self._next_scan:
             self._next_scan = t + self.settings.recovery_scan_interval_s
             for model, queue in self.queues.items():
                 counts["lost_message"] += self.recover_lost_messages(model, queue, t)
+            counts["ingest_resumed"] = resume_interrupted_ingests(self.settings)
+            counts["upload_part_swept"] = sweep_stale_parts(self.settings, t)
         self._advance_batches()
         return counts
 
@@ -126,10 +138,17 @@ class Reaper:
         with session_scope() as session:
             resend = mark_resent(session, lost, cutoff, t)
         for job_id, priority in resend:
-            self._send(model, [job_id], priority)
+            self._resend(model, job_id, priority)
         if resend:
             log.warning("re-sent %d jobs of %s whose messages were lost", len(resend), model)
         return len(resend)
+
+    def _resend(self, model: str, job_id: str, priority: int) -> None:
+        """Send a job again and remember its new task id (GET /v1/jobs/{id} shows it)."""
+        task_id = self._send(model, [job_id], priority)
+        if isinstance(task_id, str):
+            with session_scope() as session:
+                record_task(session, [job_id], task_id)
 
     def _unacked(self, queue: str, cutoff: float) -> tuple[set[str], list[str]]:
         """Job ids in live unacked entries, and the tags of entries nobody holds any more.

@@ -4,6 +4,7 @@ API process, Redis, Celery worker and tiny HF model. Runs once per database back
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +16,12 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cli.stack import Stack
+from lmqueue.batches.ingest import ingest_batch, resume_interrupted_ingests
 from lmqueue.batches.state import advance_batches
 from lmqueue.broker import reset_producer
+from lmqueue.files import sweep_stale_parts
 from lmqueue.settings import reset_settings
-from lmqueue.tables import Batch, FileObject, Job, new_id, now
+from lmqueue.tables import Batch, Job, new_id, now
 from tests.batch_client import (
     batch_stack,
     content_lines,
@@ -107,6 +110,13 @@ def _jsonl(lines: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
 
 
+def _nested(depth: int) -> Any:
+    out: Any = "x"
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
 def test_invalid_lines_fail_validation_with_line_numbers(bstack: Stack) -> None:
     client = sdk(bstack)
     lines: list[Any] = [
@@ -120,6 +130,8 @@ def test_invalid_lines_fail_validation_with_line_numbers(bstack: Stack) -> None:
         line("bad-body", max_tokens=-1),  # 8 body fails the schema
         line("embed-url", model="emb"),  # 9 an embedding model on /v1/completions
         line("ok-2"),  # 10
+        "[" * 100_000 + "]" * 100_000,  # 11 nested too deeply for any JSON parser
+        line("deep", prompt=_nested(500)),  # 12 parses, but a body no schema accepts
     ]
     batch = wait_done(client, create(client, lines).id)
     assert batch.status == "failed" and batch.failed_at
@@ -134,6 +146,8 @@ def test_invalid_lines_fail_validation_with_line_numbers(bstack: Stack) -> None:
         (7, "model_not_found", "body.model"),
         (8, "invalid_value", "body.max_tokens"),
         (9, "unsupported_endpoint", "body.model"),
+        (11, "invalid_json_line", None),
+        (12, "invalid_value", "body.prompt.str"),
     }
     assert "line 1" in next(e.message or "" for e in batch.errors.data or [] if e.line == 4)
     assert _jobs(bstack, batch.id) == []  # nothing inserted, nothing enqueued
@@ -425,9 +439,10 @@ def test_cli_batch_run(bstack: Stack, tmp_path: Path) -> None:
 
 @pytest.fixture
 def producer_for(bstack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Let this test process send messages to the stack's queues (as the scheduler would)."""
-    monkeypatch.setenv("LMQUEUE_QUEUE_PREFIX", bstack.queue_prefix)
-    monkeypatch.setenv("REDIS_URL", bstack.redis_url)
+    """Let this test process act on the stack's store and queues (as the scheduler would)."""
+    for name in ("LMQUEUE_QUEUE_PREFIX", "REDIS_URL", "DATABASE_URL", "LMQUEUE_DATA_DIR"):
+        monkeypatch.setenv(name, bstack.env[name])
+    monkeypatch.setenv("LMQUEUE_MODELS", bstack.env["LMQUEUE_MODELS"])
     reset_settings()
     reset_producer()
     yield
@@ -436,25 +451,34 @@ def producer_for(bstack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
     reset_producer()
 
 
+def _stale_batch(s: Session, input_file_id: str) -> str:
+    batch_id = new_id("batch")
+    s.add(
+        Batch(
+            id=batch_id,
+            endpoint="/v1/completions",
+            input_file_id=input_file_id,
+            completion_window="24h",
+            status="validating",
+            created_at=now() - 3600,
+            expires_at=now() + 3600,
+        )
+    )
+    return batch_id
+
+
 def test_stale_validating_batches_are_recovered(bstack: Stack, producer_for: None) -> None:
-    """The API process died while ingesting: with its lines committed (but never enqueued) the
-    batch is resumed; with nothing committed it fails. Done by advance_batches."""
-    long_ago = now() - 3600
-    resumed, lost = new_id("batch"), new_id("batch")
+    """The API process died while ingesting. Lines committed but never enqueued: advance_batches
+    sends them. Nothing committed: the scheduler's housekeeping ingests the input file again
+    (idempotently), or fails the batch if the file is gone."""
+    client = sdk(bstack)
+    intact = client.files.create(
+        file=("in.jsonl", _jsonl([line(f"i{i}") for i in range(4)])), purpose="batch"
+    )
     with Session(bstack.engine) as s:
-        s.add(FileObject(id=new_id("file"), filename="x", purpose="batch", created_at=long_ago))
-        for batch_id in (resumed, lost):
-            s.add(
-                Batch(
-                    id=batch_id,
-                    endpoint="/v1/completions",
-                    input_file_id="file_gone",
-                    completion_window="24h",
-                    status="validating",
-                    created_at=long_ago,
-                    expires_at=now() + 3600,
-                )
-            )
+        resumed = _stale_batch(s, "file_gone")
+        lost = _stale_batch(s, "file_gone")
+        interrupted = _stale_batch(s, intact.id)
         for i in range(3):
             body = {"model": "tiny", "prompt": f"x{i}", "max_tokens": 2, "temperature": 0}
             s.add(
@@ -470,11 +494,35 @@ def test_stale_validating_batches_are_recovered(bstack: Stack, producer_for: Non
                 )
             )
         s.commit()
-        assert advance_batches(s) >= 2
+        assert resume_interrupted_ingests() == 2  # `lost` and `interrupted`
+        assert advance_batches(s) >= 1
         s.commit()
-    client = sdk(bstack)
     failed = client.batches.retrieve(lost)
     assert failed.status == "failed"
-    assert failed.errors.data[0].code == "validation_interrupted"  # type: ignore[union-attr]
+    assert failed.errors.data[0].code == "input_file_missing"  # type: ignore[union-attr]
     batch = wait_done(client, resumed)
     assert batch.status == "completed" and batch.request_counts.completed == 3
+    batch = wait_done(client, interrupted)
+    assert batch.status == "completed" and batch.request_counts.completed == 4
+    jobs = _jobs(bstack, interrupted)
+    assert all(j.task_id and j.task_id.startswith(interrupted) for j in jobs)
+
+    # A second ingest of the same batch (two processes resuming it) stores no line twice.
+    with Session(bstack.engine) as s:
+        s.execute(update(Batch).where(Batch.id == interrupted).values(status="validating"))
+        s.commit()
+    ingest_batch(interrupted)
+    assert len(_jobs(bstack, interrupted)) == 4
+
+
+def test_stale_upload_parts_are_swept(bstack: Stack, producer_for: None) -> None:
+    files = Path(bstack.env["LMQUEUE_DATA_DIR"]) / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    stale, fresh = files / ".upload-killed.part", files / ".upload-live.part"
+    for part in (stale, fresh):
+        part.write_bytes(b"x" * 1000)
+    old = now() - 3600
+    os.utime(stale, (old, old))
+    assert sweep_stale_parts() == 1
+    assert not stale.exists() and fresh.exists()
+    fresh.unlink()

@@ -92,7 +92,8 @@ def test_flower_shows_the_request_task_succeeding(
     assert httpx.get(f"{flower}/api/tasks", auth=("ops", "wrong"), timeout=5).status_code == 401
     with metrics_stack.client() as client:
         job_id = metrics_stack.submit(client, "tiny", "seen by flower", max_tokens=2)
-        assert metrics_stack.wait_job(client, job_id)["status"] == "succeeded"
+        job = metrics_stack.wait_job(client, job_id)
+        assert job["status"] == "succeeded"
 
     def task() -> dict[str, Any] | None:
         resp = httpx.get(
@@ -110,6 +111,7 @@ def test_flower_shows_the_request_task_succeeding(
     found = wait_until(task, 30, "Flower to show the task as SUCCESS", every_s=0.3)
     assert found["name"] == "lmqueue.process_jobs"
     assert found["worker"].startswith("tiny-")
+    assert found["uuid"] == job["task_id"]  # the job leads to its task, and back
 
 
 def test_worker_metrics(metrics_stack: Stack, worker_metrics: str) -> None:
@@ -138,7 +140,7 @@ def test_api_metrics_report_queue_depth(metrics_stack: Stack) -> None:
         text = client.get("/metrics").text
         assert sample(text, "lmqueue_queue_depth", model="idle", state="waiting") == 3
         assert sample(text, "lmqueue_num_requests_waiting", model="idle") == 3
-        assert (sample(text, "lmqueue_jobs_submitted_total", model="idle") or 0) >= 3
+        assert (sample(text, "lmqueue_jobs_submitted_total", model="idle", source="job") or 0) >= 3
 
         # A message delivered and not yet acked counts as reserved, not waiting.
         opts = celery_config(Settings(redis_url=metrics_stack.redis_url))[

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from lmqueue.db import get_engine, session_scope
 from lmqueue.jobs import jobs_to_drop
+from lmqueue.logs import component_level
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Job, WorkerRecord, now
@@ -170,6 +171,10 @@ def start_runtime(celery_hostname: str) -> WorkerRuntime:
     spec = get_model(served_model_name(settings))
     if settings.worker_metrics_port:
         start_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
+    if component_level("worker") > logging.INFO:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars in every worker's output
     t0 = time.perf_counter()
     backend = make_backend(spec, settings)
     MODEL_LOAD_TIME.labels(spec.name).set(time.perf_counter() - t0)

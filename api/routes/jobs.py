@@ -56,7 +56,7 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     model, body = validated(req.endpoint, req.body, req.model, req.stream)
-    job, created = submit(
+    job, created, notice = submit(
         session,
         owner,
         model,
@@ -67,7 +67,10 @@ def submit_job(
         idempotency_key=idempotency_key,
         use_cache=req.cache,
     )
-    return JSONResponse(q.job_to_dict(job), status_code=202 if created else 200)
+    out = q.job_to_dict(job)
+    if notice:
+        out["notice"] = notice
+    return JSONResponse(out, status_code=202 if created else 200)
 
 
 def _load(owner: str, job_id: str) -> Job | None:

@@ -93,7 +93,7 @@ async def _serve(request: Request, owner: str, endpoint: str) -> Response:
 
 def _submit(owner: str, model: str, endpoint: str, body: dict[str, Any]) -> Job:
     with session_scope() as session:
-        job, _ = submit(session, owner, model, endpoint, body)
+        job, _, _ = submit(session, owner, model, endpoint, body)
         return job
 
 

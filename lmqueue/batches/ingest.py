@@ -9,21 +9,24 @@ an invalid line rolls back, so nothing is enqueued, and memory stays flat whatev
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from lmqueue import cache
 from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, send_lines, start_batch
+from lmqueue.broker import BROKER_ERRORS
+from lmqueue.contract import batch_task_id
 from lmqueue.db import get_sessionmaker, session_scope
 from lmqueue.errors import batch_error
 from lmqueue.files import content_path
 from lmqueue.jsonl import LineError, validate_file
+from lmqueue.metrics import JOBS_SUBMITTED
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, FileObject, Job, JobStatus, now
 from lmqueue.transitions import resolve_followers
@@ -35,9 +38,11 @@ INSERT_CHUNK = 1000
 JOBS: Table = Job.__table__  # type: ignore[assignment]
 
 
-def job_id_prefix() -> str:
-    """Shared by all lines of one batch: the creation time in ms and 3 random bytes."""
-    return f"job_{int(now() * 1000):012x}{os.urandom(3).hex()}"
+def job_id_prefix(batch_id: str) -> str:
+    """Shared by all lines of one batch, and derived from the batch id (its creation time in
+    ms and 3 of its random bytes): an ingest that is resumed or runs twice inserts the same
+    ids, so the second one conflicts instead of duplicating lines."""
+    return f"job_{batch_id.removeprefix('batch_')[:18]}"
 
 
 def line_job_id(prefix: str, line_no: int) -> str:
@@ -77,7 +82,7 @@ def _flush(session: Session, batch: Batch, pending: _Pending, out: Ingested, s: 
             if key:
                 pending.leaders[key] = row["id"]
                 row["cache_key"] = key
-            out.by_model[row["model"]].append(row["id"])
+            _assign_message(batch, row, out, s)
         if key:
             cache.count(row["model"], "exact", leader is not None)
     if pending.rows:
@@ -85,11 +90,23 @@ def _flush(session: Session, batch: Batch, pending: _Pending, out: Ingested, s: 
     pending.rows, pending.keys = [], []
 
 
+def _assign_message(batch: Batch, row: dict[str, Any], out: Ingested, s: Settings) -> None:
+    """Give a line that will be sent the task id of the message that carries it (send_lines
+    sends each model's lines in this same order, batch_lines_per_message at a time)."""
+    model = row["model"]
+    models = list(out.by_model)
+    m = models.index(model) if model in out.by_model else len(models)
+    row["task_id"] = batch_task_id(
+        batch.id, m, len(out.by_model[model]) // s.batch_lines_per_message
+    )
+    out.by_model[model].append(row["id"])
+
+
 def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings) -> Ingested:
     """Validate every line; insert the valid ones in chunks until the first invalid one, then
     only collect errors (up to batch_max_errors). The caller commits or rolls back."""
     out = Ingested()
-    prefix, t = job_id_prefix(), now()
+    prefix, t = job_id_prefix(batch.id), now()
     pending = _Pending()
     lines = validate_file(
         path,
@@ -108,16 +125,7 @@ def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings
             continue  # keep reading only to report the other invalid lines
         job_id = line_job_id(prefix, item.line_no)
         pending.rows.append(
-            _row(
-                batch,
-                job_id,
-                item.line_no,
-                item.custom_id,
-                item.model,
-                item.body,
-                t,
-                settings.batch_priority,
-            )
+            _row(batch, job_id, item.line_no, item.custom_id, item.model, item.body, t, settings)
         )
         pending.keys.append(
             cache.cache_key(batch.owner, item.model, batch.endpoint, item.body, settings)
@@ -138,7 +146,7 @@ def _row(
     model: str,
     body: dict[str, Any],
     t: float,
-    priority: int,
+    settings: Settings,
 ) -> dict[str, Any]:
     return {
         "id": job_id,
@@ -147,7 +155,7 @@ def _row(
         "endpoint": batch.endpoint,
         "body": body,
         "status": JobStatus.QUEUED,
-        "priority": priority,
+        "priority": settings.batch_priority,
         "batch_id": batch.id,
         "custom_id": custom_id,
         "line_no": line_no,
@@ -200,6 +208,14 @@ def ingest_batch(batch_id: str) -> None:
             session.rollback()  # cancelled while we read the file: insert nothing
             return
         session.commit()
+    except IntegrityError:
+        session.rollback()  # another process ingested it meanwhile (same ids): its work stands
+        log.info("batch %s was ingested by another process", batch_id)
+        return
+    except OperationalError as exc:
+        session.rollback()  # the store is down: leave it validating, the scheduler resumes it
+        log.warning("ingesting batch %s stopped: the store failed (%s)", batch_id, exc)
+        return
     except Exception as exc:
         session.rollback()
         log.exception("ingesting batch %s failed", batch_id)
@@ -207,16 +223,45 @@ def ingest_batch(batch_id: str) -> None:
         return
     finally:
         session.close()
+    for model, ids in result.by_model.items():
+        JOBS_SUBMITTED.labels(model, "batch").inc(len(ids))
     _enqueue(batch_id, result, settings)
 
 
+def interrupted_ingests(session: Session, t: float, settings: Settings) -> list[str]:
+    """Batches `validating` for longer than batch_stale_validation_s without a single line
+    stored: the process ingesting them died (the lines are inserted in one transaction)."""
+    has_lines = select(Job.id).where(Job.batch_id == Batch.id).exists()
+    stmt = select(Batch.id).where(
+        Batch.status == VALIDATING,
+        Batch.created_at < t - settings.batch_stale_validation_s,
+        ~has_lines,
+    )
+    return list(session.scalars(stmt.order_by(Batch.id)))
+
+
+def resume_interrupted_ingests(settings: Settings | None = None) -> int:
+    """Ingest again every interrupted batch (a housekeeping step of the scheduler). A batch
+    whose input file is gone fails with input_file_missing. Returns how many were resumed."""
+    settings = settings or get_settings()
+    with session_scope() as session:
+        ids = interrupted_ingests(session, now(), settings)
+    for batch_id in ids:
+        log.warning("batch %s: its ingest was interrupted; resuming it", batch_id)
+        ingest_batch(batch_id)
+    return len(ids)
+
+
 def _enqueue(batch_id: str, result: Ingested, settings: Settings) -> None:
-    # If this fails (broker down), the batch stays `validating` and advance_batch re-sends
-    # the messages once it is stale (see state._recover_validating).
     if result.followers:
         with session_scope() as session:
             resolve_followers(session, batch_id)  # lines that match a cached job finish now
-    send_lines(result.by_model, settings)
+    try:
+        send_lines(result.by_model, settings, batch_id)
+    except BROKER_ERRORS as exc:
+        # The lines are stored (queued, stamped enqueued_at): the scheduler's lost-message
+        # scan sends them once Redis is back, so the batch is in progress all the same.
+        log.warning("batch %s: the queue is unreachable (%s); recovery will send it", batch_id, exc)
     with session_scope() as session:
         start_batch(session, batch_id, now())
     log.info("batch %s: %d lines enqueued", batch_id, result.total)

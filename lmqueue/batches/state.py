@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 
 from lmqueue.batches import BatchInputError
 from lmqueue.broker import enqueue_in_messages
-from lmqueue.errors import batch_error
 from lmqueue.files import generated_file
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, Job, JobStatus, now
@@ -156,10 +155,14 @@ def start_batch(session: Session, batch_id: str, t: float) -> bool:
     return _set(session, batch_id, VALIDATING, status=IN_PROGRESS, in_progress_at=t)
 
 
-def send_lines(by_model: dict[str, list[str]], settings: Settings) -> int:
+def send_lines(
+    by_model: dict[str, list[str]], settings: Settings, batch_id: str | None = None
+) -> int:
     """Send the jobs of each model in messages of `batch_lines_per_message` ids (see
-    lmqueue.broker.enqueue_in_messages). Returns the number of messages."""
-    return enqueue_in_messages(by_model, settings.batch_lines_per_message, settings.batch_priority)
+    lmqueue.broker.enqueue_in_messages; `batch_id`: a fresh ingest, whose rows already carry
+    the task ids). Returns the number of messages."""
+    per, priority = settings.batch_lines_per_message, settings.batch_priority
+    return enqueue_in_messages(by_model, per, priority, batch_id)
 
 
 def _finish(session: Session, batch: Batch, expect: str, status: str, counts: Counts) -> bool:
@@ -205,7 +208,7 @@ def _advance_running(session: Session, batch: Batch, counts: Counts, t: float) -
 
 def _recover_validating(session: Session, batch: Batch, t: float, settings: Settings) -> None:
     """A batch validating for too long lost the process that ingested it. If its lines were
-    inserted (one transaction), re-send their messages and go on; otherwise fail it."""
+    inserted (one transaction), re-send their messages and go on."""
     if t - batch.created_at < settings.batch_stale_validation_s:
         return
     queued = session.execute(
@@ -215,8 +218,8 @@ def _recover_validating(session: Session, batch: Batch, t: float, settings: Sett
     ).all()
     any_job = session.scalar(select(func.count()).where(Job.batch_id == batch.id))
     if not any_job:
-        msg = "validation was interrupted (the API process stopped); create the batch again"
-        fail_batch(session, batch, [batch_error("validation_interrupted", msg)])
+        # Nothing was stored: the scheduler's housekeeping ingests it again from its input
+        # file (lmqueue.batches.ingest.resume_interrupted_ingests), or fails it if that is gone.
         return
     by_model: dict[str, list[str]] = defaultdict(list)
     for model, job_id in queued:

@@ -8,7 +8,7 @@ from alembic import op
 
 
 revision = "0007_webhooks"
-down_revision = "0004_ops"
+down_revision = "0005_task_id"
 branch_labels = None
 depends_on = None
 

@@ -9,6 +9,7 @@ on the next poll, reported (so its jobs are recovered at once) and replaced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from sqlalchemy import func, select
 from lmqueue.commands import worker_argv
 from lmqueue.db import session_scope
 from lmqueue.fleet import live_workers
+from lmqueue.lifeline import SCHEDULER_PID_ENV, die_with_parent, orphaned_scheduler_child
 from lmqueue.settings import Settings
 from lmqueue.tables import Job, JobStatus, WorkerRecord
 from scheduler.backends.base import Backend
@@ -55,8 +57,9 @@ Spawner = Callable[[list[str], dict[str, str]], "subprocess.Popen[bytes]"]
 
 
 def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    # Same process group as the scheduler: a supervisor stopping our group stops them too.
-    return subprocess.Popen(argv, env=env)
+    # Same process group as the scheduler: a supervisor stopping our group stops them too; and
+    # they get SIGTERM (warm shutdown) when the scheduler dies, even by kill -9.
+    return subprocess.Popen(argv, env=env, preexec_fn=die_with_parent())  # noqa: PLW1509
 
 
 class LocalBackend(Backend):
@@ -77,6 +80,7 @@ class LocalBackend(Backend):
         self.children: list[Child] = []
         self._backoff_s = 0.0  # grows while children die young (a model that cannot load)
         self._no_spawn_until = 0.0
+        self._orphans: set[str] | None = None  # workers a previous scheduler left: retiring
 
     # --- the interface ----------------------------------------------------------------------
 
@@ -84,11 +88,32 @@ class LocalBackend(Backend):
         return len(self._serving()) + self.floor()
 
     def floor(self) -> int:
-        """Live workers of this model that we did not start (e.g. `lmqueue up`'s own)."""
-        mine = {c.record_hostname for c in self.children}
+        """Live workers of this model that we did not start (e.g. `lmqueue up`'s own), less
+        those a previous scheduler left, which we retire."""
+        mine = {c.record_hostname for c in self.children} | self._retire_orphans()
         with session_scope() as session:
             hosts = live_workers(session, self.settings, self.model)
         return sum(1 for h in hosts if h not in mine)
+
+    def _retire_orphans(self) -> set[str]:
+        """Once, at start: workers on this machine started by a scheduler that is gone (it was
+        killed before it could stop them). Nobody would ever scale them down, and counted as
+        capacity they would keep our own from starting: warm-shut them down (SIGTERM)."""
+        if self._orphans is not None:
+            return self._orphans
+        self._orphans = set()
+        here = f"@{socket.gethostname()}/"
+        with session_scope() as session:
+            hosts = live_workers(session, self.settings, self.model)
+        for host in hosts:
+            pid = host.rsplit("/", 1)[-1]
+            if here not in host or not pid.isdigit() or not orphaned_scheduler_child(int(pid)):
+                continue
+            log.warning("retiring worker %s: the scheduler that started it is gone", host)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+            self._orphans.add(host)
+        return self._orphans
 
     def scale_to(self, n: int) -> None:
         serving = self._serving()
@@ -156,7 +181,11 @@ class LocalBackend(Backend):
         safe = self.model.replace("/", "_")
         nodename = f"{safe}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         argv[argv.index("--hostname") + 1] = nodename
-        env = {**(self._env or os.environ), "LMQUEUE_WORKER_MODEL": self.model}
+        env = {
+            **(self._env or os.environ),
+            "LMQUEUE_WORKER_MODEL": self.model,
+            SCHEDULER_PID_ENV: str(os.getpid()),  # a later scheduler can tell our orphans
+        }
         child = Child(nodename, self._spawn_proc(argv, env), time.time())
         self.children.append(child)
         log.info("started worker %s (pid %d) for %s", nodename, child.proc.pid, self.queue)

@@ -1,0 +1,22 @@
+"""jobs.task_id: the Celery task (message) that last carried the job, for Flower look-ups
+
+Revision ID: 0005_task_id
+Revises: 0004_ops
+"""
+import sqlalchemy as sa
+from alembic import op
+
+
+revision = "0005_task_id"
+down_revision = "0004_ops"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("jobs", sa.Column("task_id", sa.String(200), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("task_id")

@@ -1,0 +1,131 @@
+"""Honest answers during outages, with the services really stopped: Redis down means a committed
+job is accepted (202 and a notice) and sent later by recovery; the store down means 503 with
+Retry-After and nothing created. Each test counts the jobs that finally run: exactly one per
+accepted request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from cli.stack import Stack
+from lmqueue.tables import Batch, FileObject, Job
+from tests.faults import RedisServer, TcpProxy
+from tests.postgres import fresh_postgres_database
+
+pytestmark = pytest.mark.slow
+
+FAST_RECOVERY = {
+    "LMQUEUE_RECOVERY_GRACE_S": "2",
+    "LMQUEUE_RECOVERY_SCAN_INTERVAL_S": "1",
+    "LMQUEUE_SCHEDULER_BACKEND": "none",
+}
+BODY = {"prompt": "hello", "max_tokens": 2, "temperature": 0}
+
+
+def _submit(client: httpx.Client, i: int) -> httpx.Response:
+    job = {"model": "tiny", "endpoint": "/v1/completions", "body": {**BODY, "prompt": f"p{i}"}}
+    return client.post("/v1/jobs", json=job)
+
+
+def _count(stack: Stack, model: type) -> int:
+    with Session(stack.engine) as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.stop()
+
+
+def test_redis_down_submits_are_accepted_and_run_once(
+    own_redis: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    st = Stack(
+        f"sqlite:///{tmp_path / 'lmqueue.db'}",
+        own_redis.url,
+        {"tiny": tiny_model_dir},
+        tmp_path,
+        extra_env=FAST_RECOVERY,
+    )
+    st.migrate()
+    try:
+        st.start_api()
+        st.start_worker("tiny")
+        st.start_scheduler()
+        with st.client() as client:
+            before = [_submit(client, i) for i in range(2)]
+            assert all(r.status_code == 202 and r.json()["task_id"] for r in before)
+
+            own_redis.stop()
+            during = [_submit(client, 10 + i) for i in range(5)]
+            for r in during:
+                assert r.status_code == 202, r.text
+                assert "unreachable" in r.json()["notice"]
+            own_redis.start()  # an empty Redis: the deferred messages were never sent
+
+            ids = [r.json()["id"] for r in before + during]
+            jobs = st.wait_jobs_done(ids, timeout_s=180)
+        assert [j.status for j in jobs] == ["succeeded"] * len(ids), st.worker_logs()
+        assert _count(st, Job) == len(ids)  # one job per accepted request, none twice
+        assert all(j.task_id for j in jobs)  # recovery's message is recorded on the job
+    finally:
+        st.stop()
+
+
+@pytest.mark.postgres
+def test_store_down_is_503_with_retry_after_and_creates_nothing(
+    redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    with fresh_postgres_database() as direct_url:
+        url = make_url(direct_url)
+        proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+        proxy.start()
+        proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+        st = Stack(proxied, redis_url, {"tiny": tiny_model_dir}, tmp_path)
+        st.migrate()
+        try:
+            st.start_api()
+            st.start_worker("tiny")
+            with st.client() as client:
+                ok = _submit(client, 0)
+                assert ok.status_code == 202, ok.text
+
+                proxy.stop()
+                refused = [_submit(client, 1 + i) for i in range(3)]
+                upload = client.post(
+                    "/v1/files",
+                    data={"purpose": "batch"},
+                    files={"file": ("in.jsonl", b'{"custom_id": "a"}\n')},
+                )
+                batch = client.post(
+                    "/v1/batches",
+                    json={"input_file_id": "file_x", "endpoint": "/v1/completions"},
+                )
+                for r in [*refused, upload, batch]:
+                    assert r.status_code == 503, r.text
+                    assert int(r.headers["Retry-After"]) > 0
+                    assert r.json()["error"]["code"] == "store_unavailable"
+                proxy.start()
+
+                after = _submit(client, 9)
+                assert after.status_code == 202, after.text
+                ids = [ok.json()["id"], after.json()["id"]]
+                jobs = st.wait_jobs_done(ids, timeout_s=180)
+            assert [j.status for j in jobs] == ["succeeded"] * 2, st.worker_logs()
+            assert _count(st, Job) == 2  # nothing of the refused requests was created
+            assert _count(st, FileObject) == 0 and _count(st, Batch) == 0
+            assert not list((tmp_path / "data" / "files").glob(".upload-*"))
+        finally:
+            st.stop()
+            proxy.stop()
