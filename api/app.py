@@ -13,6 +13,7 @@ from api.limits import BodyLimitMiddleware
 from api.openapi import install_openapi
 from api.routes import admin, batches, files, health, jobs, metrics, models
 from api.routes import scheduler as scheduler_routes
+from lmqueue.batches.dispatch import Pump
 from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.settings import get_settings
 
@@ -21,8 +22,16 @@ from lmqueue.settings import get_settings
 async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     # Refuse to serve other machines without keys or with placeholder secrets. The host setting
     # is the bind address: `lmqueue api` passes its --host on in LMQUEUE_API_HOST.
-    ensure_safe(api_problems(get_settings()), "the API")
-    yield
+    settings = get_settings()
+    ensure_safe(api_problems(settings), "the API")
+    # Batch lines are metered into Redis by a dispatcher (lmqueue.batches.dispatch); the API
+    # runs one so batches move without a scheduler (a Redis lock keeps one pass at a time).
+    pump = Pump(settings).start() if settings.batch_dispatch_in_api else None
+    try:
+        yield
+    finally:
+        if pump is not None:
+            pump.close()
 
 
 def create_app() -> FastAPI:

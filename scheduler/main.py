@@ -34,11 +34,13 @@ def build_scheduler() -> Any:
 
 
 def run() -> int:
+    from lmqueue.batches.dispatch import Pump
     from lmqueue.settings import get_settings
     from scheduler import metrics
 
     settings = get_settings()
     scheduler = build_scheduler()
+    pump = Pump(settings)  # meters batch lines into Redis (lmqueue.batches.dispatch)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -57,9 +59,11 @@ def run() -> int:
             settings.scheduler_max_workers,
             settings.scheduler_interval_s,
         )
+        pump.start()
         scheduler.run(stop)
         return 0
     finally:
+        pump.close()
         scheduler.close()
 
 

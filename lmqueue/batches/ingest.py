@@ -1,5 +1,6 @@
-"""Ingest a batch: validate its input file in one streaming pass, insert one job per line in
-bulk, then enqueue the jobs in messages of many ids each.
+"""Ingest a batch: validate its input file in one streaming pass and insert one job per line in
+bulk, held: the dispatcher (lmqueue.batches.dispatch) meters them into Redis, fairly between
+API keys.
 
 Runs after POST /v1/batches has answered (a FastAPI background task), or directly (tests).
 All job rows are inserted in ONE transaction, chunk by chunk as the file is read: a file with
@@ -18,11 +19,12 @@ from typing import Any
 from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
-from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, send_lines, start_batch
+from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, start_batch
 from lmqueue.db import get_sessionmaker, session_scope
 from lmqueue.errors import batch_error
 from lmqueue.files import content_path
 from lmqueue.jsonl import LineError, validate_file
+from lmqueue.quotas import line_cost
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, FileObject, Job, JobStatus, now
 
@@ -116,10 +118,10 @@ def _row(
         "custom_id": custom_id,
         "line_no": line_no,
         "created_at": t,
-        # Set with the insert: a 50k-row UPDATE after sending cost seconds on Postgres. If the
-        # messages are never sent, the batch stays `validating` and recovery re-sends them.
-        "enqueued_at": t,
+        # Held: no message yet. The dispatcher stamps enqueued_at when it sends the line.
+        "enqueued_at": None,
         "attempts": 0,
+        "cost_tokens": line_cost(body),
     }
 
 
@@ -169,13 +171,8 @@ def ingest_batch(batch_id: str) -> None:
         return
     finally:
         session.close()
-    _enqueue(batch_id, result, settings)
-
-
-def _enqueue(batch_id: str, result: Ingested, settings: Settings) -> None:
-    # If this fails (broker down), the batch stays `validating` and advance_batch re-sends
-    # the messages once it is stale (see state._recover_validating).
-    send_lines(result.by_model, settings)
+    # If this process dies here, the batch stays `validating` and advance_batch starts it once
+    # it is stale (see state._recover_validating); its lines are held either way.
     with session_scope() as session:
         start_batch(session, batch_id, now())
-    log.info("batch %s: %d lines enqueued", batch_id, result.total)
+    log.info("batch %s: %d lines held for the dispatcher", batch_id, result.total)
