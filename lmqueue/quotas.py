@@ -70,11 +70,10 @@ def key_limits(session: Session, owner: str, settings: Settings) -> KeyLimits:
 
 def queued_batch_work(session: Session, owner: str) -> tuple[int, int]:
     """(lines, estimated tokens) of a key's open batch lines and not yet ingested batches."""
-    lines, tokens = session.execute(
-        select(func.count(), func.coalesce(func.sum(Job.cost_tokens), 0)).where(
-            Job.owner == owner, Job.batch_id.is_not(None), Job.status.in_(JobStatus.OPEN)
-        )
-    ).one()
+    open_lines = select(func.count(), func.coalesce(func.sum(Job.cost_tokens), 0)).where(
+        Job.owner == owner, Job.batch_id.is_not(None), Job.status.in_(JobStatus.OPEN)
+    )
+    lines, tokens = (int(x or 0) for x in session.execute(open_lines).one())
     pending_lines, pending_bytes = session.execute(
         select(
             func.coalesce(func.sum(FileObject.line_count), 0),
@@ -84,7 +83,7 @@ def queued_batch_work(session: Session, owner: str) -> tuple[int, int]:
         .where(Batch.owner == owner, Batch.status == "validating")
     ).one()
     pending = int(pending_lines or 0), int(pending_bytes or 0)
-    return int(lines) + pending[0], int(tokens) + pending[1] // CHARS_PER_TOKEN
+    return lines + pending[0], tokens + pending[1] // CHARS_PER_TOKEN
 
 
 def stored_bytes(session: Session, owner: str) -> int:
