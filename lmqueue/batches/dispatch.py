@@ -38,7 +38,10 @@ from lmqueue.transitions import in_chunks
 log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, list[str]]], Any]  # {model: [job ids]} -> sends the messages
-DRAIN_AHEAD_S = 1.0  # the window holds this much measured drain, so a worker never starves
+# The window holds this much of the drain measured over the last DRAIN_WINDOW_S (short, so a
+# burst is seen within seconds), so the workers never starve between two passes.
+DRAIN_AHEAD_S = 2.0
+DRAIN_WINDOW_S = 5.0
 
 
 def held() -> ColumnElement[bool]:
@@ -50,13 +53,14 @@ def held() -> ColumnElement[bool]:
 
 def window(session: Session, settings: Settings, model: str) -> int:
     """Lines of `model` that may be in flight: the setting, or every live worker's slots and
-    hold (at least one worker's worth), plus a second of the measured drain."""
+    hold (at least one worker's worth), plus two seconds of the measured drain."""
     if settings.batch_dispatch_window:
         return settings.batch_dispatch_window
     slots = settings.max_batch_size
     per_worker = slots + settings.hold_jobs(slots)
     workers = max(1, len(live_workers(session, settings, model)))
-    return workers * per_worker + math.ceil(drain_rate(session, model) * DRAIN_AHEAD_S)
+    rate = drain_rate(session, model, DRAIN_WINDOW_S)
+    return workers * per_worker + math.ceil(rate * DRAIN_AHEAD_S)
 
 
 def tenants(session: Session, settings: Settings) -> dict[str, dict[str, Tenant]]:
