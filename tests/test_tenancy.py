@@ -283,3 +283,13 @@ def test_purge_deletes_what_expired_and_nothing_else(env: Settings) -> None:
     assert singles == {single[1].id, single[2].id}
     assert report.rows["files"] >= 2 and report.rows["batches"] == 1 and report.bytes_freed >= 100
     assert report.rows["jobs"] == 5 + 5 + 1
+
+
+def test_the_scheduler_housekeeper_purges_when_due(env: Settings) -> None:
+    from scheduler.housekeeping import Housekeeper
+
+    upload("key_a", b"z" * 10, expires_after=3600)
+    keeper = Housekeeper(env)
+    first = keeper.run_once(now() + 7200)
+    assert first is not None and first.rows["files"] == 1 and not first.more
+    assert keeper.run_once(now() + 7201) is None  # next one in purge_interval_s
