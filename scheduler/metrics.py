@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG = Gauge(
     "lmqueue_scheduler_backlog",
-    "Work per model: waiting messages + max(reserved messages, running jobs)",
+    "Work per model: waiting + held messages + max(reserved messages, running jobs)",
     ["model"],
 )
 WORKERS = Gauge(

@@ -293,3 +293,15 @@ def test_the_scheduler_housekeeper_purges_when_due(env: Settings) -> None:
     first = keeper.run_once(now() + 7200)
     assert first is not None and first.rows["files"] == 1 and not first.more
     assert keeper.run_once(now() + 7201) is None  # next one in purge_interval_s
+
+
+def test_the_autoscaler_sees_held_lines(env: Settings) -> None:
+    """Held lines are not in Redis, but the backlog the scheduler scales on counts them."""
+    from lmqueue.batches.dispatch import held_messages
+    from scheduler.backlog import Backlog
+
+    make_batch("key_a", 100, MODEL)
+    with session_scope() as session:
+        held = held_messages(session, env)
+    assert held == {MODEL: -(-100 // env.batch_lines_per_message)}
+    assert Backlog(waiting=2, reserved=1, running=1, held=held[MODEL]).total == 3 + held[MODEL]

@@ -51,6 +51,14 @@ def held() -> ColumnElement[bool]:
     )
 
 
+def held_messages(session: Session, settings: Settings) -> dict[str, int]:
+    """Per model, the held lines in messages' worth (batch_lines_per_message each): work the
+    autoscaler must see although it is not in Redis yet."""
+    rows = session.execute(select(Job.model, func.count()).where(held()).group_by(Job.model))
+    per = settings.batch_lines_per_message
+    return {str(m): math.ceil(int(n) / per) for m, n in rows}
+
+
 def window(session: Session, settings: Settings, model: str) -> int:
     """Lines of `model` that may be in flight: the setting, or every live worker's slots and
     hold (at least one worker's worth), plus two seconds of the measured drain."""
