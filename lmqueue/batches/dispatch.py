@@ -42,6 +42,7 @@ Send = Callable[[dict[str, list[str]]], Any]  # {model: [job ids]} -> sends the 
 # burst is seen within seconds), so the workers never starve between two passes.
 DRAIN_AHEAD_S = 2.0
 DRAIN_WINDOW_S = 5.0
+FAILED_PASS_WAIT_S = 5.0
 
 
 def held() -> ColumnElement[bool]:
@@ -192,8 +193,10 @@ class Pump:
     def _run(self) -> None:
         interval = self.settings.batch_dispatch_interval_s
         while not self.stop.is_set():
+            wait = interval
             try:
                 self.pass_once()
-            except Exception:  # the store or Redis hiccuped: try again next pass
-                log.exception("batch dispatch pass failed")
-            self.stop.wait(interval)
+            except Exception:  # the store or Redis is down: try again, without flooding the log
+                log.exception("batch dispatch pass failed; retrying in %.0f s", FAILED_PASS_WAIT_S)
+                wait = max(interval, FAILED_PASS_WAIT_S)
+            self.stop.wait(wait)
