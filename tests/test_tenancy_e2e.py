@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from cli.procs import wait_until
@@ -112,11 +112,12 @@ def _key_id(stack: Stack, key: str) -> str:
 def test_deadline_admission_names_the_earliest_window(tstack: Stack) -> None:
     client = as_key(tstack, create_key(tstack, "deadline"))
     t = now()
+    drained = [new_id("job") for _ in range(60)]
     with Session(tstack.engine) as s:  # "idle" drained 60 lines in the last minute: 1 line/s
-        for i in range(60):
+        for i, job_id in enumerate(drained):
             s.add(
                 Job(
-                    id=new_id("job"),
+                    id=job_id,
                     model="idle",
                     endpoint="/v1/completions",
                     body={},
@@ -125,13 +126,23 @@ def test_deadline_admission_names_the_earliest_window(tstack: Stack) -> None:
                 )
             )
         s.commit()
-    f = _upload(client, input_bytes(200, "idle", "d")).json()
-    refused = _batch(client, f["id"], completion_window="1m")
-    assert refused.status_code == 429, refused.text
-    err = refused.json()["error"]
-    assert err["code"] == "deadline_infeasible" and err["param"] == "completion_window"
-    assert "earliest feasible completion_window is" in err["message"]
-    assert _batch(client, f["id"], completion_window="24h").status_code == 200
+    try:
+        f = _upload(client, input_bytes(200, "idle", "d")).json()
+        refused = _batch(client, f["id"], completion_window="1m")
+        assert refused.status_code == 429, refused.text
+        err = refused.json()["error"]
+        assert err["code"] == "deadline_infeasible" and err["param"] == "completion_window"
+        assert "earliest feasible completion_window is" in err["message"]
+        accepted = _batch(client, f["id"], completion_window="24h")
+        assert accepted.status_code == 200, accepted.text
+        # Nothing serves "idle": cancel, so its lines hold no dispatch window (the database is
+        # shared with the other test modules of this session).
+        cancel = client.post(f"/v1/batches/{accepted.json()['id']}/cancel")
+        assert cancel.status_code == 200, cancel.text
+    finally:
+        with Session(tstack.engine) as s:
+            s.execute(delete(Job).where(Job.id.in_(drained)))
+            s.commit()
 
 
 def test_expiry_of_files_and_outputs(tstack: Stack) -> None:
