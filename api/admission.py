@@ -1,4 +1,5 @@
-"""The API side of admission control: too many open jobs is a 429 with Retry-After."""
+"""The API side of admission control: too many open jobs, a quota reached or a deadline that
+cannot be met is a 429 with Retry-After."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from api.errors import APIError
 from lmqueue.admission import Admission
 from lmqueue.jobs import by_idempotency_key
 from lmqueue.metrics import ADMISSION_REJECTIONS
+from lmqueue.quotas import Refusal
 from lmqueue.settings import get_settings
 
 _admission = Admission()
@@ -38,3 +40,17 @@ def admit(
 
 def admitted(owner: str, model: str, n: int = 1) -> None:
     _admission.admitted(owner, model, n)
+
+
+def refuse(refusal: Refusal) -> APIError:
+    """A quota or deadline refusal (lmqueue.quotas) as a 429 naming it, with Retry-After."""
+    ADMISSION_REJECTIONS.labels(refusal.quota).inc()
+    code = "deadline_infeasible" if refusal.quota == "completion_window" else "quota_exceeded"
+    return APIError(
+        429,
+        refusal.message,
+        code=code,
+        type_="rate_limit_error",
+        param=refusal.param,
+        headers={"Retry-After": str(refusal.retry_after_s)},
+    )

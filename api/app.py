@@ -24,6 +24,7 @@ from api.routes import (
     webhooks,
 )
 from api.routes import scheduler as scheduler_routes
+from lmqueue.batches.dispatch import Pump
 from lmqueue.exposure import api_problems, ensure_safe
 from lmqueue.files import sweep_stale_parts
 from lmqueue.settings import get_settings
@@ -33,10 +34,18 @@ from lmqueue.settings import get_settings
 async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     # Refuse to serve other machines without keys or with placeholder secrets. The host setting
     # is the bind address: `lmqueue api` passes its --host on in LMQUEUE_API_HOST.
-    ensure_safe(api_problems(get_settings()), "the API")
+    settings = get_settings()
+    ensure_safe(api_problems(settings), "the API")
     # Parts of uploads a killed process left (the scheduler sweeps them periodically too).
     sweep_stale_parts()
-    yield
+    # Batch lines are metered into Redis by a dispatcher (lmqueue.batches.dispatch); the API
+    # runs one so batches move without a scheduler (a Redis lock keeps one pass at a time).
+    pump = Pump(settings).start() if settings.batch_dispatch_in_api else None
+    try:
+        yield
+    finally:
+        if pump is not None:
+            pump.close()
 
 
 def create_app() -> FastAPI:

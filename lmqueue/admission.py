@@ -27,7 +27,10 @@ MAX_RETRY_S = 3600
 
 
 def open_jobs_of_owner(session: Session, owner: str) -> int:
-    stmt = select(func.count()).where(Job.owner == owner, Job.status.in_(JobStatus.OPEN))
+    """A key's open single jobs: its batch lines have their own quotas (lmqueue.quotas)."""
+    stmt = select(func.count()).where(
+        Job.owner == owner, Job.status.in_(JobStatus.OPEN), Job.batch_id.is_(None)
+    )
     return int(session.scalar(stmt) or 0)
 
 

@@ -143,19 +143,28 @@ def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
 def enqueue_in_messages(
     by_model: Mapping[str, Sequence[str]], per: int, priority: int, batch_id: str | None = None
 ) -> int:
-    """Send the jobs of each model in messages of `per` ids, in order, through one producer
-    whose publishes are pipelined to Redis (kombu's Producer.batch): one round trip per message
-    would cost more than validating and inserting a batch's lines. With `batch_id`, message k of
-    the m-th model has task id batch_task_id(batch_id, m, k). Returns the number of messages."""
+    """Send the jobs of each model in messages of `per` ids, in order. With `batch_id`, message
+    k of the m-th model has task id batch_task_id(batch_id, m, k). Returns the number of
+    messages."""
+    messages = [
+        (model, ids[i : i + per], batch_task_id(batch_id, m, k) if batch_id else None)
+        for m, (model, ids) in enumerate(by_model.items())
+        for k, i in enumerate(range(0, len(ids), per))
+    ]
+    return enqueue_messages(messages, priority)
+
+
+def enqueue_messages(
+    messages: Sequence[tuple[str, Sequence[str], str | None]], priority: int
+) -> int:
+    """Send (model, job ids, task id or None) messages through one producer whose publishes
+    are pipelined to Redis (kombu's Producer.batch): one round trip per message would cost more
+    than validating and inserting a batch's lines. Returns the number of messages."""
     app = producer_app()
-    sent = 0
     with app.producer_or_acquire() as producer, _pipelined(producer):
-        for m, (model, ids) in enumerate(by_model.items()):
-            for k, i in enumerate(range(0, len(ids), per)):
-                task_id = batch_task_id(batch_id, m, k) if batch_id else None
-                enqueue_jobs(model, ids[i : i + per], priority, app, producer, task_id)
-                sent += 1
-    return sent
+        for model, ids, task_id in messages:
+            enqueue_jobs(model, ids, priority, app, producer, task_id)
+    return len(messages)
 
 
 def _pipelined(producer: Any) -> AbstractContextManager[Any]:

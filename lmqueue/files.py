@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from lmqueue.batches import output as batch_output
@@ -23,6 +23,35 @@ from lmqueue.tables import Batch, FileObject, new_id, now
 UPLOAD_PURPOSES = ("batch",)
 OUTPUT_PURPOSE = "batch_output"
 CHUNK = 1 << 16
+# OpenAI's bounds for `expires_after.seconds` (files) and `output_expires_after.seconds`.
+EXPIRES_MIN_S, EXPIRES_MAX_S = 3600, 30 * 86400
+
+
+class BadExpiry(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def expires_after_s(anchor: Any, seconds: Any, param: str) -> int | None:
+    """OpenAI's `{"anchor": "created_at", "seconds": N}` checked; None when not given."""
+    if anchor in (None, "") and seconds in (None, ""):
+        return None
+    if anchor != "created_at":
+        raise BadExpiry(f"{param}.anchor must be 'created_at', got {anchor!r}", f"{param}.anchor")
+    try:
+        value = int(str(seconds))
+    except ValueError:
+        value = -1
+    if not EXPIRES_MIN_S <= value <= EXPIRES_MAX_S:
+        msg = f"{param}.seconds must be an integer from {EXPIRES_MIN_S} to {EXPIRES_MAX_S}"
+        raise BadExpiry(f"{msg}, got {seconds!r}", f"{param}.seconds")
+    return value
+
+
+def is_expired(f: FileObject, t: float | None = None) -> bool:
+    """Past its expiry: answered as gone (404 file_expired) until the purge deletes it."""
+    return f.expires_at is not None and f.expires_at <= (now() if t is None else t)
 
 
 class FileTooLarge(Exception):
@@ -97,10 +126,18 @@ def sweep_stale_parts(settings: Settings | None = None, t: float | None = None) 
 
 
 def store_upload(
-    session: Session, sink: UploadSink, *, owner: str, filename: str, purpose: str
+    session: Session,
+    sink: UploadSink,
+    *,
+    owner: str,
+    filename: str,
+    purpose: str,
+    expires_after: int | None = None,
 ) -> FileObject:
-    """Move a finished upload into place and record it."""
+    """Move a finished upload into place and record it. It expires `expires_after` seconds
+    from now, or after the retention setting (OpenAI's batch files: 30 days)."""
     file_id = new_id("file")
+    t = now()
     name = f"{file_id}.jsonl"
     sink.keep(sink.path.parent / name)
     row = FileObject(
@@ -112,14 +149,18 @@ def store_upload(
         status="processed",
         storage_path=name,
         line_count=sink.lines,
-        created_at=now(),
+        created_at=t,
+        expires_at=t + (expires_after or get_settings().retention_files_s),
     )
     session.add(row)
     return row
 
 
 def generated_file(batch: Batch, kind: str) -> FileObject:
-    """A batch's output ("output") or error ("error") file: content built from its jobs."""
+    """A batch's output ("output") or error ("error") file: content built from its jobs. It
+    expires after the batch's output_expires_after, or the retention setting."""
+    t = now()
+    ttl = batch.output_expires_after_s or get_settings().retention_outputs_s
     return FileObject(
         id=new_id("file"),
         owner=batch.owner,
@@ -129,7 +170,8 @@ def generated_file(batch: Batch, kind: str) -> FileObject:
         status="processed",
         source_batch_id=batch.id,
         line_count=None,  # measured on first read (see ensure_measured)
-        created_at=now(),
+        created_at=t,
+        expires_at=t + ttl,
     )
 
 
@@ -143,7 +185,11 @@ def get_file(session: Session, owner: str, file_id: str) -> FileObject | None:
 def list_files(
     session: Session, owner: str, *, purpose: str | None, after: str | None, limit: int, asc: bool
 ) -> tuple[list[FileObject], bool]:
-    stmt = select(FileObject).where(FileObject.owner == owner, FileObject.deleted_at.is_(None))
+    stmt = select(FileObject).where(
+        FileObject.owner == owner,
+        FileObject.deleted_at.is_(None),
+        or_(FileObject.expires_at.is_(None), FileObject.expires_at > now()),
+    )
     if purpose:
         stmt = stmt.where(FileObject.purpose == purpose)
     if after:

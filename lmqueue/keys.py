@@ -78,6 +78,26 @@ def revoke_key(session: Session, key_id: str) -> ApiKey | None:
     return session.get(ApiKey, key_id, populate_existing=True)
 
 
+LIMIT_FIELDS = ("weight", "quota_queued_lines", "quota_queued_tokens", "quota_file_bytes")
+
+
+def set_limits(
+    session: Session, key_id: str, values: dict[str, float | int | None]
+) -> ApiKey | None:
+    """Set a key's fair-share weight and quotas (lmqueue.quotas); None in `values` resets a
+    field to the settings' default. Returns the key, or None when there is no such key."""
+    unknown = set(values) - set(LIMIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown key limits: {sorted(unknown)}")
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        return None
+    for name, value in values.items():
+        setattr(row, name, value)
+    session.flush()
+    return row
+
+
 def key_to_dict(row: ApiKey) -> dict[str, Any]:
     return {
         "id": row.id,
@@ -87,4 +107,6 @@ def key_to_dict(row: ApiKey) -> dict[str, Any]:
         "scopes": row.scopes.split(),
         "created_at": int(row.created_at),
         "revoked_at": int(row.revoked_at) if row.revoked_at else None,
+        # None: the settings' default (LMQUEUE_KEY_DEFAULT_WEIGHT, LMQUEUE_QUOTA_*).
+        **{name: getattr(row, name) for name in LIMIT_FIELDS},
     }

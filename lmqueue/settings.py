@@ -149,6 +149,36 @@ class Settings(BaseSettings):
     # An upload part (.upload-*.part) untouched this long was left by a killed process: swept.
     upload_part_stale_s: float = Field(default=600.0, gt=0)
 
+    # --- tenants: fair share, quotas, deadlines (lmqueue.batches.dispatch, lmqueue.quotas) ----
+    # Batch lines are metered into Redis: per model, at most this many lines are sent and not
+    # finished (0 = auto: enough for every live worker's slots and hold, and 2 s of drain).
+    batch_dispatch_window: int = Field(default=0, ge=0)
+    batch_dispatch_interval_s: float = Field(default=0.2, gt=0)
+    batch_dispatch_in_api: bool = Field(
+        default=True, description="the API process meters batch lines too (no scheduler needed)"
+    )
+    key_default_weight: float = Field(default=1.0, gt=0, description="fair-share weight of a key")
+    quota_queued_lines: int = Field(
+        default=250_000, ge=0, description="queued batch lines per key; 0 = no limit"
+    )
+    quota_queued_tokens: int = Field(
+        default=0, ge=0, description="queued batch tokens (prompt + max_tokens) per key; 0 = none"
+    )
+    quota_file_bytes: int = Field(
+        default=20 * 1024**3, ge=0, description="stored upload bytes per key; 0 = no limit"
+    )
+    # POST /v1/batches refuses a batch that clearly cannot finish in its completion_window.
+    batch_deadline_admission: bool = True
+    batch_deadline_slack: float = Field(default=1.5, ge=1.0, description="'clearly': this factor")
+
+    # --- retention (lmqueue.retention; the scheduler purges) ---------------------------------
+    retention_files_s: int = Field(default=30 * 86400, ge=60, description="uploaded files")
+    retention_outputs_s: int = Field(default=30 * 86400, ge=60, description="batch output files")
+    retention_batches_s: int = Field(default=30 * 86400, ge=60, description="finished batches")
+    retention_jobs_s: int = Field(default=30 * 86400, ge=60, description="finished single jobs")
+    purge_interval_s: float = Field(default=60.0, gt=0)
+    purge_chunk: int = Field(default=1000, ge=1, le=100_000, description="rows per transaction")
+
     # --- scheduler ---------------------------------------------------------------------------
     # Global autoscaling settings, the same for every model (per-model overrides can come later).
     scheduler_backend: Literal["local", "compose", "kubernetes", "none"] = Field(

@@ -60,6 +60,8 @@ class Job(Base):
         Index("ix_jobs_cache_key", "cache_key"),
         Index("ix_jobs_cache_of", "cache_of"),
         Index("ix_jobs_owner_finished_at", "owner", "finished_at"),  # webhook event scans
+        # Retention: finished jobs by age (0006).
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -98,13 +100,18 @@ class Job(Base):
     cache_key: Mapped[str | None] = mapped_column(String(64))
     cache_of: Mapped[str | None] = mapped_column(String(40))
     cache_hit: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A batch line's estimated cost (prompt + max_tokens), for the queued-tokens quota (0006).
+    cost_tokens: Mapped[int | None] = mapped_column(Integer)
 
 
 class FileObject(Base):
     """An uploaded (or generated) file, OpenAI Files API shaped. Content lives on disk."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_owner_id", "owner", "id"),)
+    __table_args__ = (
+        Index("ix_files_owner_id", "owner", "id"),
+        Index("ix_files_expires_at", "expires_at"),  # retention (0006)
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), default="", nullable=False)
@@ -155,6 +162,9 @@ class Batch(Base):
     expired_at: Mapped[float | None] = mapped_column(Float)
     cancelling_at: Mapped[float | None] = mapped_column(Float)
     cancelled_at: Mapped[float | None] = mapped_column(Float)
+    # output_expires_after.seconds: the output and error files expire this long after they are
+    # created (None: the retention setting) (0006).
+    output_expires_after_s: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -169,6 +179,11 @@ class ApiKey(Base):
     scopes: Mapped[str] = mapped_column(String(200), default="user", nullable=False)
     created_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
     revoked_at: Mapped[float | None] = mapped_column(Float)
+    # Tenancy (0006): fair-share weight and quotas; None means the settings' default.
+    weight: Mapped[float | None] = mapped_column(Float)
+    quota_queued_lines: Mapped[int | None] = mapped_column(Integer)
+    quota_queued_tokens: Mapped[int | None] = mapped_column(Integer)
+    quota_file_bytes: Mapped[int | None] = mapped_column(Integer)
 
 
 class WorkerRecord(Base):

@@ -1,4 +1,6 @@
-"""How much work each model has: waiting messages, reserved messages, running jobs.
+"""How much work each model has: waiting messages, reserved messages, running jobs, and the
+batch lines the dispatcher still holds back (in messages' worth: they would have been waiting
+messages before lines were metered, and the workers they need must be started all the same).
 
 The backlog counts work in progress once: a worker that holds a message has claimed its jobs
 within milliseconds, so `reserved` (Redis) and `running` (store) describe the same work from two
@@ -14,8 +16,10 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy.orm import Session
 
+from lmqueue.batches.dispatch import held_messages
 from lmqueue.jobs import open_job_counts
 from lmqueue.kombu_redis import reserved_counts, waiting_messages
+from lmqueue.settings import get_settings
 from lmqueue.tables import JobStatus
 
 
@@ -24,13 +28,15 @@ class Backlog:
     waiting: int  # messages in the queue's Redis lists
     reserved: int  # messages taken by workers, not acked yet (kombu's `unacked`)
     running: int  # jobs running in the store
+    held: int = 0  # held batch lines, in messages of batch_lines_per_message
 
     @property
     def total(self) -> int:
-        return self.waiting + max(self.reserved, self.running)
+        return self.waiting + self.held + max(self.reserved, self.running)
 
     def describe(self) -> str:
-        return f"waiting {self.waiting}, reserved {self.reserved}, running {self.running}"
+        held = f", held {self.held}" if self.held else ""
+        return f"waiting {self.waiting}{held}, reserved {self.reserved}, running {self.running}"
 
 
 def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) -> dict[str, Backlog]:
@@ -38,7 +44,13 @@ def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) ->
     reserved = reserved_counts(client, queues.values())
     counts = open_job_counts(session)
     running = {m: n for (m, status), n in counts.items() if status == JobStatus.RUNNING}
+    held = held_messages(session, get_settings())
     return {
-        model: Backlog(waiting_messages(client, q), reserved.get(q, 0), running.get(model, 0))
+        model: Backlog(
+            waiting_messages(client, q),
+            reserved.get(q, 0),
+            running.get(model, 0),
+            held.get(model, 0),
+        )
         for model, q in queues.items()
     }

@@ -1,5 +1,6 @@
 """The reconcile loop: every tick, notice dead workers, run the reaper, measure each model's
-backlog, decide its worker count, apply it through the backend and record the decision."""
+backlog, decide its worker count, apply it through the backend, record the decision, and purge
+what retention says is due (scheduler.housekeeping)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lmqueue.settings import Settings
 from scheduler import metrics
 from scheduler.backends.base import Backend
 from scheduler.backlog import Backlog, measure
+from scheduler.housekeeping import Housekeeper
 from scheduler.policy import Hysteresis, Limits, desired_workers
 from scheduler.recovery import Reaper
 
@@ -131,6 +133,7 @@ class Scheduler:
         limits = limits_from(settings)
         self.scalers = {m: ModelScaler(m, queues[m], b, limits) for m, b in self.backends.items()}
         self.summary = Summary(settings.summary_interval_s)
+        self.housekeeper = Housekeeper(settings)
 
     def tick(self, t: float | None = None) -> list[Decision]:
         t = time.time() if t is None else t
@@ -143,6 +146,7 @@ class Scheduler:
         decisions = [self.scalers[m].step(backlogs[m], t) for m in self.scalers]
         self._record(decisions, lost)
         self.summary.tick(t, decisions)
+        self.housekeeper.run_once(t)
         return decisions
 
     def _notice_dead_workers(self) -> dict[str, list[str]]:

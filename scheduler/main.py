@@ -34,6 +34,7 @@ def build_scheduler() -> Any:
 
 
 def run() -> int:
+    from lmqueue.batches.dispatch import Pump
     from lmqueue.logs import setup_logging, status
     from lmqueue.settings import get_settings
     from scheduler import metrics, webhooks
@@ -41,6 +42,7 @@ def run() -> int:
     setup_logging("scheduler")
     settings = get_settings()
     scheduler = build_scheduler()
+    pump = Pump(settings)  # meters batch lines into Redis (lmqueue.batches.dispatch)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -59,12 +61,14 @@ def run() -> int:
             settings.scheduler_max_workers,
             settings.scheduler_interval_s,
         )
+        pump.start()
         hooks, dispatcher = webhooks.start(settings, stop)
         scheduler.run(stop)
         hooks.join(timeout=settings.webhook_timeout_s + 5)
         dispatcher.close()
         return 0
     finally:
+        pump.close()
         scheduler.close()
 
 

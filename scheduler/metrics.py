@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG = Gauge(
     "lmqueue_scheduler_backlog",
-    "Work per model: waiting messages + max(reserved messages, running jobs)",
+    "Work per model: waiting + held messages + max(reserved messages, running jobs)",
     ["model"],
 )
 WORKERS = Gauge(
@@ -26,6 +26,11 @@ SCALE_ACTIONS = Counter(
     "lmqueue_scheduler_scale_actions", "Scaling actions taken", ["model", "direction"]
 )
 TICK_ERRORS = Counter("lmqueue_scheduler_tick_errors", "Reconcile passes that raised")
+PURGED_ROWS = Counter(
+    "lmqueue_purged_rows", "Rows deleted by retention (files, jobs, batches)", ["table"]
+)
+PURGED_BYTES = Counter("lmqueue_purged_bytes", "File bytes freed on disk by retention")
+FILE_BYTES = Gauge("lmqueue_file_bytes_on_disk", "Bytes of uploaded file content on disk")
 
 
 def serve(port: int) -> None:

@@ -11,9 +11,10 @@ The rules run through lmqueue.transitions (the one place that changes a job's st
 - Housekeeping, with the lost-message scan: a batch whose ingest was interrupted (its API
   process died) is ingested again; upload parts left by a killed upload are deleted.
 - A queued job whose message is in no queue list and in no live unacked entry for longer than
-  `recovery_grace_s` gets a new message. Unacked entries older than the grace whose jobs nobody
-  runs are dropped: their holder is gone and kombu would only restore them after the visibility
-  timeout (an hour).
+  `recovery_grace_s` gets a new message. Batch lines held by the dispatcher (never sent,
+  lmqueue.batches.dispatch) are not lost messages and are left alone. Unacked entries older
+  than the grace whose jobs nobody runs are dropped: their holder is gone and kombu would only
+  restore them after the visibility timeout (an hour).
 
 Duplicate messages are harmless (claim_jobs skips finished jobs and jobs under a live lease), so
 every rule errs on the side of sending again.
@@ -54,13 +55,17 @@ Send = Callable[[str, Sequence[str], int], Any]  # (model, job_ids, api priority
 
 
 def stale_queued(session: Session, model: str, cutoff: float) -> set[str]:
-    """Queued jobs of `model` last sent before `cutoff` (never sent: created before it)."""
+    """Queued jobs of `model` last sent before `cutoff` (a single job never sent: created
+    before it). Batch lines the dispatcher still holds back (no enqueued_at) have no message on
+    purpose: they are not lost, and re-sending them would defeat the fair share."""
     sent_at = func.coalesce(Job.enqueued_at, Job.created_at)
     stmt = select(Job.id).where(
         Job.model == model,
         Job.status == JobStatus.QUEUED,
         sent_at < cutoff,
         Job.cache_of.is_(None),  # a batch line waiting for an identical one has no message
+        # Batch lines held by the dispatcher have no message yet (lmqueue.batches.dispatch).
+        or_(Job.batch_id.is_(None), Job.enqueued_at.is_not(None)),
     )
     return {str(i) for i in session.scalars(stmt)}
 

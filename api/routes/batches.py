@@ -15,10 +15,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from api.admission import refuse
 from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
 from api.pagination import list_page
+from api.routes.files import expired_file
 from lmqueue import files as fs
 from lmqueue.batches import BatchInputError
 from lmqueue.batches.create import new_batch, retry_batch
@@ -28,10 +30,11 @@ from lmqueue.batches.state import VALIDATING
 from lmqueue.batches.state import cancel_batch as cancel
 from lmqueue.batches.views import batch_to_dict, get_batch, view_batches
 from lmqueue.batches.views import list_batches as list_page_of
-from lmqueue.settings import get_settings
-from lmqueue.tables import Batch
+from lmqueue.quotas import check_batch, check_deadline, first_model
+from lmqueue.settings import Settings, get_settings
+from lmqueue.tables import Batch, FileObject
 
-router = APIRouter(tags=["batches"], responses=errors(400, 401, 404, 409, 413))
+router = APIRouter(tags=["batches"], responses=errors(400, 401, 404, 409, 413, 429))
 
 
 class CreateBatch(BaseModel):
@@ -41,6 +44,9 @@ class CreateBatch(BaseModel):
     endpoint: str = Field(max_length=40)
     completion_window: str = Field(default="24h", max_length=16)
     metadata: dict[str, Any] | None = None
+    # OpenAI's {"anchor": "created_at", "seconds": 3600..2592000}: when the output and error
+    # files expire (default: LMQUEUE_RETENTION_OUTPUTS_S).
+    output_expires_after: dict[str, Any] | None = None
 
 
 def _api_error(exc: BatchInputError) -> APIError:
@@ -52,6 +58,27 @@ def _load(session: Session, owner: str, batch_id: str) -> Batch:
     if batch is None:
         raise APIError(404, f"no batch {batch_id!r}", code="not_found", param="batch_id")
     return batch
+
+
+def _output_expiry(value: dict[str, Any] | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return fs.expires_after_s(value.get("anchor"), value.get("seconds"), "output_expires_after")
+    except fs.BadExpiry as exc:
+        raise APIError(400, str(exc), code="invalid_value", param=exc.param) from exc
+
+
+def _admit(session: Session, owner: str, f: FileObject, batch: Batch, settings: Settings) -> None:
+    """429 when the key's batch quotas are reached, or when the batch clearly cannot finish in
+    its completion_window given what the model already has queued."""
+    refusal = check_batch(session, owner, f, settings)
+    model = first_model(fs.content_path(f)) if f.storage_path and refusal is None else None
+    if model is not None and batch.expires_at is not None:
+        window_s = int(batch.expires_at - batch.created_at)
+        refusal = check_deadline(session, model, f.line_count or 0, window_s, settings)
+    if refusal is not None:
+        raise refuse(refusal)
 
 
 def _start(session: Session, batch: Batch, tasks: BackgroundTasks) -> dict[str, Any]:
@@ -74,12 +101,14 @@ def create_batch(
     if f is None:
         msg = f"no file {req.input_file_id!r}"
         raise APIError(404, msg, code="not_found", param="input_file_id")
+    if fs.is_expired(f):
+        raise expired_file(f.id, "input_file_id")
     if f.purpose != "batch":
         msg = f"file {f.id} has purpose {f.purpose!r}; a batch needs a file with purpose 'batch'"
         raise APIError(400, msg, code="invalid_value", param="input_file_id")
-    limit = get_settings().batch_max_lines
-    if (f.line_count or 0) > limit:
-        msg = f"file {f.id} has {f.line_count} lines; the limit is {limit}"
+    settings = get_settings()
+    if (f.line_count or 0) > settings.batch_max_lines:
+        msg = f"file {f.id} has {f.line_count} lines; the limit is {settings.batch_max_lines}"
         raise APIError(400, msg, code="too_many_lines", param="input_file_id")
     try:
         batch = new_batch(
@@ -89,8 +118,10 @@ def create_batch(
             completion_window=req.completion_window,
             metadata=req.metadata,
         )
+        batch.output_expires_after_s = _output_expiry(req.output_expires_after)
     except BatchInputError as exc:
         raise _api_error(exc) from exc
+    _admit(session, owner, f, batch, settings)
     return _start(session, batch, tasks)
 
 
@@ -133,13 +164,14 @@ def batch_results(
     batch_id: str,
     session: Annotated[Session, Depends(get_session, scope="function")],
     owner: Annotated[str, Depends(get_owner)],
-    after: Annotated[str, Query(max_length=40, description="X-Next-After of the last page")] = "",
+    after: Annotated[str, Query(max_length=4000, description="X-Next-After of the last page")] = "",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
-    """Finished lines (output-file shape, successes and errors together) as JSONL, in input
-    order. Headers: `X-Next-After` (pass as `after` next time) and `X-Results-Complete`
-    ("true" once every line of the batch has been returned). Each custom_id comes exactly
-    once across pages."""
+    """Finished lines (output-file shape, successes and errors together) as JSONL, as they
+    finish: input order, skipping lines still running and coming back to them on a later page.
+    Headers: `X-Next-After` (pass as `after` next time) and `X-Results-Complete` ("true" once
+    every line of the batch has been returned). Each custom_id comes exactly once across
+    pages."""
     batch = _load(session, owner, batch_id)
     page = results_page(session, batch.id, after, limit, ingested=batch.status != VALIDATING)
     headers = {

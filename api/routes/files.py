@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from python_multipart.exceptions import MultipartParseError
 from sqlalchemy.orm import Session
 
+from api.admission import refuse
 from api.deps import get_owner, get_session
 from api.errors import APIError
 from api.openapi import errors
@@ -17,10 +18,11 @@ from api.pagination import list_page
 from api.upload import MultipartReceiver, UploadError
 from lmqueue import files as fs
 from lmqueue.db import session_scope
+from lmqueue.quotas import check_upload
 from lmqueue.settings import get_settings
 from lmqueue.tables import FileObject
 
-router = APIRouter(tags=["files"], responses=errors(400, 401, 404, 413))
+router = APIRouter(tags=["files"], responses=errors(400, 401, 404, 413, 429))
 
 MULTIPART_SLACK = 64 * 1024  # form fields and part headers around the file itself
 
@@ -58,9 +60,33 @@ def _check_upload(receiver: MultipartReceiver, sink: fs.UploadSink) -> str:
     return purpose
 
 
-def _store(sink: fs.UploadSink, owner: str, filename: str, purpose: str) -> dict[str, Any]:
+def _expires_after(fields: dict[str, str]) -> int | None:
+    """OpenAI's multipart form fields `expires_after[anchor]` and `expires_after[seconds]`."""
+    try:
+        return fs.expires_after_s(
+            fields.get("expires_after[anchor]"),
+            fields.get("expires_after[seconds]"),
+            "expires_after",
+        )
+    except fs.BadExpiry as exc:
+        raise APIError(400, str(exc), code="invalid_value", param=exc.param) from exc
+
+
+def _check_quota(owner: str, size: int) -> None:
     with session_scope() as session:
-        row = fs.store_upload(session, sink, owner=owner, filename=filename, purpose=purpose)
+        refusal = check_upload(session, owner, size, get_settings())
+    if refusal is not None:
+        raise refuse(refusal)
+
+
+def _store(
+    sink: fs.UploadSink, owner: str, filename: str, purpose: str, expires: int | None
+) -> dict[str, Any]:
+    _check_quota(owner, sink.bytes)
+    with session_scope() as session:
+        row = fs.store_upload(
+            session, sink, owner=owner, filename=filename, purpose=purpose, expires_after=expires
+        )
         return fs.file_to_dict(row)
 
 
@@ -71,12 +97,15 @@ async def upload_file(request: Request, owner: Annotated[str, Depends(get_owner)
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit + MULTIPART_SLACK:
         raise _too_large(limit)
+    await run_in_threadpool(_check_quota, owner, 1)  # already full: refuse before reading
     sink = fs.UploadSink(fs.files_dir(), limit)
     try:
         receiver = MultipartReceiver(request.headers.get("content-type", ""), sink)
         await _receive(request, receiver)
         purpose = _check_upload(receiver, sink)
-        return await run_in_threadpool(_store, sink, owner, receiver.filename or "", purpose)
+        expires = _expires_after(receiver.fields)
+        name = receiver.filename or ""
+        return await run_in_threadpool(_store, sink, owner, name, purpose, expires)
     except fs.FileTooLarge as exc:
         raise _too_large(exc.limit) from exc
     except (UploadError, MultipartParseError) as exc:
@@ -89,7 +118,14 @@ def _load(session: Session, owner: str, file_id: str) -> FileObject:
     f = fs.get_file(session, owner, file_id)
     if f is None:
         raise _not_found(file_id)
+    if fs.is_expired(f):
+        raise expired_file(f.id)
     return f
+
+
+def expired_file(file_id: str, param: str = "file_id") -> APIError:
+    msg = f"file {file_id!r} has expired (see its expires_at); its content is deleted"
+    return APIError(404, msg, code="file_expired", param=param)
 
 
 @router.get("/v1/files/{file_id}")

@@ -1,5 +1,6 @@
-"""Ingest a batch: validate its input file in one streaming pass, insert one job per line in
-bulk, then enqueue the jobs in messages of many ids each.
+"""Ingest a batch: validate its input file in one streaming pass and insert one job per line in
+bulk, held: the dispatcher (lmqueue.batches.dispatch) meters them into Redis, fairly between
+API keys.
 
 Runs after POST /v1/batches has answered (a FastAPI background task), or directly (tests).
 All job rows are inserted in ONE transaction, chunk by chunk as the file is read: a file with
@@ -19,14 +20,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from lmqueue import cache
-from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, send_lines, start_batch
-from lmqueue.broker import BROKER_ERRORS
-from lmqueue.contract import batch_task_id
+from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, start_batch
 from lmqueue.db import get_sessionmaker, session_scope
 from lmqueue.errors import batch_error
 from lmqueue.files import content_path
 from lmqueue.jsonl import LineError, validate_file
 from lmqueue.metrics import JOBS_SUBMITTED
+from lmqueue.quotas import line_cost
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, FileObject, Job, JobStatus, now
 from lmqueue.transitions import resolve_followers
@@ -82,24 +82,12 @@ def _flush(session: Session, batch: Batch, pending: _Pending, out: Ingested, s: 
             if key:
                 pending.leaders[key] = row["id"]
                 row["cache_key"] = key
-            _assign_message(batch, row, out, s)
+            out.by_model[row["model"]].append(row["id"])
         if key:
             cache.count(row["model"], "exact", leader is not None)
     if pending.rows:
         session.execute(insert(JOBS), pending.rows)
     pending.rows, pending.keys = [], []
-
-
-def _assign_message(batch: Batch, row: dict[str, Any], out: Ingested, s: Settings) -> None:
-    """Give a line that will be sent the task id of the message that carries it (send_lines
-    sends each model's lines in this same order, batch_lines_per_message at a time)."""
-    model = row["model"]
-    models = list(out.by_model)
-    m = models.index(model) if model in out.by_model else len(models)
-    row["task_id"] = batch_task_id(
-        batch.id, m, len(out.by_model[model]) // s.batch_lines_per_message
-    )
-    out.by_model[model].append(row["id"])
 
 
 def _insert_lines(session: Session, batch: Batch, path: Path, settings: Settings) -> Ingested:
@@ -160,12 +148,12 @@ def _row(
         "custom_id": custom_id,
         "line_no": line_no,
         "created_at": t,
-        # Set with the insert: a 50k-row UPDATE after sending cost seconds on Postgres. If the
-        # messages are never sent, the batch stays `validating` and recovery re-sends them.
-        "enqueued_at": t,
+        # Held: no message yet. The dispatcher stamps enqueued_at when it sends the line.
+        "enqueued_at": None,
         "attempts": 0,
         "cache_key": None,  # set by _flush: every row of one executemany has the same keys
         "cache_of": None,
+        "cost_tokens": line_cost(body),
     }
 
 
@@ -256,12 +244,8 @@ def _enqueue(batch_id: str, result: Ingested, settings: Settings) -> None:
     if result.followers:
         with session_scope() as session:
             resolve_followers(session, batch_id)  # lines that match a cached job finish now
-    try:
-        send_lines(result.by_model, settings, batch_id)
-    except BROKER_ERRORS as exc:
-        # The lines are stored (queued, stamped enqueued_at): the scheduler's lost-message
-        # scan sends them once Redis is back, so the batch is in progress all the same.
-        log.warning("batch %s: the queue is unreachable (%s); recovery will send it", batch_id, exc)
+    # If this process dies here, the batch stays `validating` and advance_batch starts it once
+    # it is stale (see state._recover_validating); its lines are held either way.
     with session_scope() as session:
         start_batch(session, batch_id, now())
-    log.info("batch %s: %d lines enqueued", batch_id, result.total)
+    log.info("batch %s: %d lines held for the dispatcher", batch_id, result.total)

@@ -8,7 +8,8 @@ one goes to the error file with its HTTP-like status and `{"error": {...}}` body
 never ran (cancelled or expired batch) goes there with `response: null` and an `error` whose
 code is `batch_cancelled` or `batch_expired`.
 
-Lines come in job id order, which is input line order (see ingest.line_job_id).
+Lines come in job id order, which is input line order (see ingest.line_job_id). The partial
+results endpoint serves finished lines as they finish (results_page).
 """
 
 from __future__ import annotations
@@ -93,28 +94,70 @@ def render(batch_id: str, kind: str) -> Iterator[bytes]:
 class ResultsPage:
     lines: list[bytes]
     cursor: str  # pass as `after` for the next page
-    complete: bool  # every line of the batch is at or before `cursor`
+    complete: bool  # every line of the batch has been returned
+
+
+# At most this many unfinished lines are skipped and remembered in the cursor; past that a page
+# waits for the oldest of them (so the cursor stays a few hundred bytes).
+MAX_SKIPPED = 200
+LINE_HEX = 8  # the line number at the end of a batch job id (ingest.line_job_id)
+
+
+def parse_cursor(cursor: str) -> tuple[str, list[str]]:
+    """`<last scanned job id>[.<line hex>...]`: the id up to which lines were scanned, and the
+    lines at or before it that were unfinished then (not returned yet). A plain job id (the old
+    cursor) has none."""
+    high, *rest = cursor.split(".")
+    if len(high) <= LINE_HEX:
+        return high, []
+    prefix = high[:-LINE_HEX]
+    return high, [prefix + r.zfill(LINE_HEX) for r in rest[:MAX_SKIPPED] if r]
+
+
+def make_cursor(high: str, skipped: Sequence[str]) -> str:
+    return ".".join([high] + [s[-LINE_HEX:].lstrip("0") or "0" for s in skipped])
 
 
 def results_page(
     session: Session, batch_id: str, after: str, limit: int, ingested: bool
 ) -> ResultsPage:
-    """Finished lines after the cursor, in job id order, stopping at the first unfinished one:
-    a job that finishes late can never be skipped by a cursor that already passed it, so every
-    custom_id comes exactly once across pages. `ingested` is False while the batch is still
-    validating (its jobs may not exist yet)."""
+    """Finished lines in input order, skipping unfinished ones and coming back to them: first
+    the lines the cursor skipped that have finished since, then the lines after it. One stuck
+    line holds back nothing (up to MAX_SKIPPED of them); every custom_id comes exactly once
+    across pages. `ingested` is False while the batch is still validating (its jobs may not
+    exist yet)."""
+    high, skipped = parse_cursor(after)
+    lines: list[bytes] = []
+    still: list[str] = []
+    if skipped:
+        rows = session.execute(
+            select(*_COLUMNS).where(Job.batch_id == batch_id, Job.id.in_(skipped)).order_by(Job.id)
+        ).all()
+        for row in rows:  # a skipped id that no longer exists (purged) is dropped
+            if row[2] in JobStatus.TERMINAL and len(lines) < limit:
+                lines.append(encode(row))
+            else:
+                still.append(row[0])
+    room = limit - len(lines)
+    if room <= 0:
+        return ResultsPage(lines, make_cursor(high, still), False)
+    want = room + MAX_SKIPPED - len(still)
     rows = session.execute(
         select(*_COLUMNS)
-        .where(Job.batch_id == batch_id, Job.id > after)
+        .where(Job.batch_id == batch_id, Job.id > high)
         .order_by(Job.id)
-        .limit(limit + 1)
+        .limit(want + 1)
     ).all()
-    lines: list[bytes] = []
-    cursor = after
-    for row in rows[:limit]:
-        if row[2] not in JobStatus.TERMINAL:
+    scanned = 0
+    for row in rows:
+        if len(lines) >= limit:
             break
-        lines.append(encode(row))
-        cursor = row[0]
-    complete = ingested and len(lines) == len(rows)
-    return ResultsPage(lines, cursor, complete)
+        if row[2] in JobStatus.TERMINAL:
+            lines.append(encode(row))
+        elif len(still) < MAX_SKIPPED:
+            still.append(row[0])
+        else:
+            break
+        high, scanned = row[0], scanned + 1
+    complete = ingested and not still and scanned == len(rows)
+    return ResultsPage(lines, make_cursor(high, still), complete)

@@ -3,7 +3,7 @@
 State machine, advanced by `advance_batch` / `advance_batches` (idempotent; the API calls it on
 every GET of a batch and the scheduler calls `advance_batches` periodically):
 
-    validating -> in_progress            ingest inserted and enqueued every line (start_batch)
+    validating -> in_progress            ingest inserted every line, held for the dispatcher
     validating -> failed                 invalid lines, or the ingesting process died first
     in_progress -> finalizing -> completed   once every job of the batch is terminal
     in_progress -> expired               past expires_at: queued jobs are cancelled
@@ -20,7 +20,6 @@ Counts come from the jobs table (GROUP BY status), never from counters kept by h
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from lmqueue.batches import BatchInputError
-from lmqueue.broker import enqueue_in_messages
 from lmqueue.files import generated_file
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Batch, Job, JobStatus, now
@@ -151,18 +149,8 @@ def record_ingested(session: Session, batch_id: str, total: int, model: str | No
 
 
 def start_batch(session: Session, batch_id: str, t: float) -> bool:
-    """validating -> in_progress, once every line is inserted and its messages sent."""
+    """validating -> in_progress, once every line is inserted (held: the dispatcher sends)."""
     return _set(session, batch_id, VALIDATING, status=IN_PROGRESS, in_progress_at=t)
-
-
-def send_lines(
-    by_model: dict[str, list[str]], settings: Settings, batch_id: str | None = None
-) -> int:
-    """Send the jobs of each model in messages of `batch_lines_per_message` ids (see
-    lmqueue.broker.enqueue_in_messages; `batch_id`: a fresh ingest, whose rows already carry
-    the task ids). Returns the number of messages."""
-    per, priority = settings.batch_lines_per_message, settings.batch_priority
-    return enqueue_in_messages(by_model, per, priority, batch_id)
 
 
 def _finish(session: Session, batch: Batch, expect: str, status: str, counts: Counts) -> bool:
@@ -208,23 +196,14 @@ def _advance_running(session: Session, batch: Batch, counts: Counts, t: float) -
 
 def _recover_validating(session: Session, batch: Batch, t: float, settings: Settings) -> None:
     """A batch validating for too long lost the process that ingested it. If its lines were
-    inserted (one transaction), re-send their messages and go on."""
+    inserted (one transaction, held for the dispatcher), go on."""
     if t - batch.created_at < settings.batch_stale_validation_s:
         return
-    queued = session.execute(
-        select(Job.model, Job.id)
-        .where(Job.batch_id == batch.id, Job.status == JobStatus.QUEUED, Job.cache_of.is_(None))
-        .order_by(Job.id)
-    ).all()
     any_job = session.scalar(select(func.count()).where(Job.batch_id == batch.id))
     if not any_job:
         # Nothing was stored: the scheduler's housekeeping ingests it again from its input
         # file (lmqueue.batches.ingest.resume_interrupted_ingests), or fails it if that is gone.
         return
-    by_model: dict[str, list[str]] = defaultdict(list)
-    for model, job_id in queued:
-        by_model[model].append(job_id)
-    send_lines(by_model, settings)
     _transition(session, batch, VALIDATING, status=IN_PROGRESS, in_progress_at=t)
 
 

@@ -8,7 +8,7 @@ from alembic import op
 
 
 revision = "0007_webhooks"
-down_revision = "0005_task_id"
+down_revision = "0006_retention"
 branch_labels = None
 depends_on = None
 
