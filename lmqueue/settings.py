@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
 
     # --- queue and delivery -----------------------------------------------------------------
     queue_prefix: str = "lmqueue"
+    # Namespaces every Redis key of the queue (kombu's global key prefix: queue lists, unacked
+    # messages, bindings, events), so two stacks on one Redis never take each other's messages.
+    deployment: str = Field(
+        default="", description="Redis namespace of this stack; empty = derived from the store"
+    )
     # Decode slots of a worker's continuous-batching loop (rows that decode together).
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_tokens: int = Field(default=16_384, ge=64)  # embeddings: tokens per encoder call
@@ -165,6 +171,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'lmqueue.db').resolve()}"
+
+    def deployment_name(self) -> str:
+        """The stack's Redis namespace: the setting, or a digest of the store's URL, since every
+        process of one stack (API, workers, scheduler) names the same store."""
+        if self.deployment:
+            return self.deployment
+        digest = hashlib.sha256(self.resolved_database_url().encode()).hexdigest()
+        return f"s{digest[:10]}"
 
     def effective_concurrency(self) -> int:
         # Double buffering: while the slots run, as many jobs again wait in the worker, so a

@@ -155,7 +155,7 @@ def test_lines_are_enqueued_in_bulk_messages_then_cancelled(bstack: Stack) -> No
     assert {j.priority for j in jobs} == {2} and all(j.enqueued_at for j in jobs)
     # 1000 lines -> 32 messages of <= 32 job ids, on the batch priority's sub-queue.
     r = redis.Redis.from_url(bstack.redis_url)
-    key = f"{bstack.queue('idle')}:7"  # API priority 2 -> kombu priority 9 - 2
+    key = f"{bstack.key_prefix}{bstack.queue('idle')}:7"  # API priority 2 -> kombu's 9 - 2
     messages = [json.loads(m) for m in r.lrange(key, 0, -1)]
     r.close()
     assert len(messages) == 32
@@ -427,6 +427,7 @@ def test_cli_batch_run(bstack: Stack, tmp_path: Path) -> None:
 def producer_for(bstack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let this test process send messages to the stack's queues (as the scheduler would)."""
     monkeypatch.setenv("LMQUEUE_QUEUE_PREFIX", bstack.queue_prefix)
+    monkeypatch.setenv("LMQUEUE_DEPLOYMENT", bstack.key_prefix[:-1])
     monkeypatch.setenv("REDIS_URL", bstack.redis_url)
     reset_settings()
     reset_producer()
