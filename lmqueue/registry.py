@@ -42,6 +42,8 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int = Field(default=0, ge=0)  # 0 = the global setting
     prefill_budget: int = Field(default=0, ge=0)  # prompt tokens per step; 0 = the global setting
     trust_remote_code: bool = False
+    # `lmqueue pool`: workers of this model that may share one GPU (small models); 1 = a GPU each.
+    workers_per_gpu: int = Field(default=1, ge=1)
 
     def endpoints(self) -> tuple[str, ...]:
         if self.task == "embed":

@@ -141,6 +141,14 @@ class Settings(BaseSettings):
     scheduler_upscale_delay_s: float = Field(default=3.0, ge=0)
     scheduler_downscale_delay_s: float = Field(default=300.0, ge=0)
     scheduler_metrics_port: int = Field(default=9108, ge=0, description="Prometheus; 0 = off")
+    # `lmqueue pool`: the local backend bounded by this host's devices (scheduler/pool.py).
+    pool_gpus: str = Field(
+        default="auto", description='GPUs the pool places workers on: auto | none | "0,1"'
+    )
+    pool_cpu_workers: int = Field(default=1, ge=0, description="pool workers on a host with no GPU")
+    # Workers forked from a pre-imported template process (worker/template.py): seconds, not
+    # the ~7 s of importing torch and transformers in every new worker.
+    pool_fork: bool = True
     scheduler_compose_file: str = ""  # docker compose -f FILE ("" = compose's own lookup)
     scheduler_compose_service: str = "worker"  # "{model}" is replaced by the model name
     scheduler_k8s_namespace: str = "default"

@@ -15,7 +15,7 @@ from typing import Any
 log = logging.getLogger("lmqueue.scheduler")
 
 
-def build_scheduler() -> Any:
+def build_scheduler(pool: bool = False) -> Any:
     import redis
 
     from lmqueue.contract import queue_name
@@ -29,16 +29,20 @@ def build_scheduler() -> Any:
     models = sorted(get_registry())
     queues = {m: queue_name(m, settings) for m in models}
     client = redis.Redis.from_url(settings.redis_url)
+    if pool:
+        from scheduler.pool_main import build_pool
+
+        return build_pool(settings, client, queues)
     backends = {m: make_backend(m, settings) for m in models}
     return Scheduler(settings, client, backends, queues, Reaper(settings, client, queues))
 
 
-def run() -> int:
+def run(pool: bool = False) -> int:
     from lmqueue.settings import get_settings
     from scheduler import metrics
 
     settings = get_settings()
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(pool)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -50,8 +54,9 @@ def run() -> int:
     try:
         metrics.serve(settings.scheduler_metrics_port)
         log.info(
-            "scheduler started: backend %s, models %s, workers %d..%d, every %ss",
-            settings.scheduler_backend,
+            "%s started: backend %s, models %s, workers %d..%d, every %ss",
+            "pool" if pool else "scheduler",
+            "local (host pool)" if pool else settings.scheduler_backend,
             ", ".join(scheduler.queues) or "(none)",
             settings.scheduler_min_workers,
             settings.scheduler_max_workers,
@@ -67,6 +72,11 @@ def add_scheduler_commands(sub: Any) -> None:
     """Register `lmqueue scheduler` on the CLI's subparsers."""
     p = sub.add_parser("scheduler", help="autoscale workers on queue depth and recover jobs")
     p.set_defaults(fn=lambda _args: run())
+    p = sub.add_parser(
+        "pool",
+        help="a per-host worker pool: workers on this host's GPUs (one each), scaled on backlog",
+    )
+    p.set_defaults(fn=lambda _args: run(pool=True))
 
 
 def main(argv: list[str] | None = None) -> int:
