@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         description="Flower's basic auth, user:password[,user2:password2]",
     )
     flower_host: str = "127.0.0.1"
+    metrics_key: str = Field(
+        default="",
+        description="bearer token for the API's /metrics; empty = an admin API key (auth on)",
+    )
     worker_metrics_port: int = Field(
         default=0, ge=0, le=65535, description="a worker's Prometheus port; 0 = off"
     )
