@@ -4,6 +4,9 @@ The backlog counts work in progress once: a worker that holds a message has clai
 within milliseconds, so `reserved` (Redis) and `running` (store) describe the same work from two
 sides. We take the larger of the two rather than their sum, which would make one busy worker
 with an empty queue ask for a second.
+
+A bulk message carries up to LMQUEUE_BATCH_LINES_PER_MESSAGE jobs, so messages under-count a
+batch: the store's queued + running jobs are a second measure, and the larger one wins.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ class Backlog:
     waiting: int  # messages in the queue's Redis lists
     reserved: int  # messages taken by workers, not acked yet (kombu's `unacked`)
     running: int  # jobs running in the store
+    queued: int = 0  # jobs queued in the store (a bulk message counts as its jobs)
 
     @property
     def total(self) -> int:
-        return self.waiting + max(self.reserved, self.running)
+        return max(self.waiting + max(self.reserved, self.running), self.queued + self.running)
 
     def describe(self) -> str:
-        return f"waiting {self.waiting}, reserved {self.reserved}, running {self.running}"
+        return (
+            f"waiting {self.waiting}, reserved {self.reserved}, running {self.running}, "
+            f"queued jobs {self.queued}"
+        )
 
 
 def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) -> dict[str, Backlog]:
@@ -38,7 +45,13 @@ def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) ->
     reserved = reserved_counts(client, queues.values())
     counts = open_job_counts(session)
     running = {m: n for (m, status), n in counts.items() if status == JobStatus.RUNNING}
+    queued = {m: n for (m, status), n in counts.items() if status == JobStatus.QUEUED}
     return {
-        model: Backlog(waiting_messages(client, q), reserved.get(q, 0), running.get(model, 0))
+        model: Backlog(
+            waiting_messages(client, q),
+            reserved.get(q, 0),
+            running.get(model, 0),
+            queued.get(model, 0),
+        )
         for model, q in queues.items()
     }

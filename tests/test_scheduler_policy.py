@@ -37,6 +37,9 @@ def test_backlog_counts_work_in_progress_once() -> None:
     assert Backlog(waiting=5, reserved=3, running=3).total == 8
     assert Backlog(waiting=0, reserved=32, running=32).total == 32  # one busy worker, no queue
     assert Backlog(waiting=0, reserved=0, running=4).total == 4
+    # A bulk batch: 4 messages of 32 job ids each count as their 128 jobs.
+    assert Backlog(waiting=4, reserved=0, running=0, queued=128).total == 128
+    assert Backlog(waiting=3, reserved=1, running=32, queued=96).total == 128
 
 
 def test_from_zero_is_immediate_otherwise_upscale_waits() -> None:
