@@ -4,7 +4,7 @@ forked from the pool's pre-imported template (worker/template.py), one worker al
 starting together, in the same process, the tiny demo model (its load is ~0 s, so the figure
 is the start itself).
 
-    PYTHONPATH=$PWD python -m bench.worker_start [--rounds 2]
+    PYTHONPATH=$PWD python -m bench.worker_start [--rounds 1]
 
 Prints figures, asserts nothing. The template's own start (imports once) is printed apart.
 """
@@ -44,7 +44,7 @@ def _first_start(st: Stack, ids: list[str], node: str) -> float | None:
 
 def one_round(st: Stack, spawn: Spawn, n: int) -> list[float]:
     """n workers start at once against a waiting backlog; seconds to each one's first job."""
-    ids = submit_many(st, "tiny", 16 * n, max_tokens=16)
+    ids = submit_many(st, "tiny", 4 * n, max_tokens=2)
     procs, nodes = [], []
     t0 = time.time()
     for _ in range(n):
@@ -83,13 +83,15 @@ def main(rounds: int = 2) -> None:
     forker = TemplateSpawner(env=st.env)
     t = time.monotonic()
     forker.start()
-    print(f"template ready (imports, once per pool): {time.monotonic() - t:.2f}s")
+    print(f"template ready (imports, once per pool): {time.monotonic() - t:.2f}s", flush=True)
     results: dict[tuple[str, int], list[list[float]]] = {}
     try:
         for _ in range(rounds):
             for name, spawn in (("cold", cold), ("forked", forker)):
                 for n in (1, 2):
-                    results.setdefault((name, n), []).append(one_round(st, spawn, n))
+                    firsts = one_round(st, spawn, n)
+                    results.setdefault((name, n), []).append(firsts)
+                    print(f"{name} {n} starting: {[round(x, 2) for x in firsts]} s", flush=True)
     finally:
         forker.close()
         st.stop()
@@ -108,5 +110,5 @@ def main(rounds: int = 2) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     main(parser.parse_args().rounds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_the_worker_venv_has_the_worker_image_dependencies() -> None:
     assert worker_venv_problems() == []
     # The quantization kernels import here (bnb-int8/nf4 and gptq models can start).
     subprocess.run(
-        ["python", "-c", "import bitsandbytes, gptqmodel"], check=True, capture_output=True
+        [sys.executable, "-c", "import bitsandbytes, gptqmodel"], check=True, capture_output=True
     )
 
 
