@@ -26,13 +26,40 @@ from sqlalchemy.orm import Session
 
 from cli.procs import wait_until
 from cli.stack import Stack
+from lmqueue.broker import celery_config
 from lmqueue.commands import worker_argv
-from lmqueue.tables import Job
+from lmqueue.contract import TASK_PROCESS_JOBS
+from lmqueue.tables import Job, JobStatus, new_id
+from lmqueue.transitions import mark_enqueued
 from scheduler.forking import TemplateSpawner
-from tests.scheduler_load import all_done, submit_many
 from worker.demo_model import build_demo_model
 
 Spawn = Callable[[list[str], dict[str, str]], Any]
+
+
+def submit_many(st: Stack, n: int) -> list[str]:
+    """n queued jobs in the store, one message each, as the API sends them."""
+    from celery import Celery
+
+    app = Celery("bench-producer")
+    app.conf.update(celery_config(st.settings()))
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 2, "temperature": 0}
+    jobs = [
+        Job(id=new_id("job"), model="tiny", endpoint="/v1/completions", body=body) for _ in range(n)
+    ]
+    with Session(st.engine) as session:
+        session.add_all(jobs)
+        session.commit()
+        for job in jobs:
+            app.send_task(TASK_PROCESS_JOBS, kwargs={"job_ids": [job.id]}, queue=st.queue("tiny"))
+        mark_enqueued(session, [j.id for j in jobs])
+        session.commit()
+    return [j.id for j in jobs]
+
+
+def all_done(st: Stack, ids: list[str]) -> bool:
+    jobs = st.jobs(ids)
+    return len(jobs) == len(ids) and all(j.status in JobStatus.TERMINAL for j in jobs)
 
 
 def _first_start(st: Stack, ids: list[str], node: str) -> float | None:
@@ -44,7 +71,7 @@ def _first_start(st: Stack, ids: list[str], node: str) -> float | None:
 
 def one_round(st: Stack, spawn: Spawn, n: int) -> list[float]:
     """n workers start at once against a waiting backlog; seconds to each one's first job."""
-    ids = submit_many(st, "tiny", 4 * n, max_tokens=2)
+    ids = submit_many(st, 4 * n)
     procs, nodes = [], []
     t0 = time.time()
     for _ in range(n):
