@@ -43,7 +43,7 @@ def submit_many(st: Stack, n: int) -> list[str]:
 
     app = Celery("bench-producer")
     app.conf.update(celery_config(st.settings()))
-    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 2, "temperature": 0}
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 8, "temperature": 0}
     jobs = [
         Job(id=new_id("job"), model="tiny", endpoint="/v1/completions", body=body) for _ in range(n)
     ]
@@ -71,12 +71,14 @@ def _first_start(st: Stack, ids: list[str], node: str) -> float | None:
 
 def one_round(st: Stack, spawn: Spawn, n: int) -> list[float]:
     """n workers start at once against a waiting backlog; seconds to each one's first job."""
-    ids = submit_many(st, 4 * n)
+    # One message at a time per worker (concurrency 1), enough jobs that a worker coming up
+    # late still finds some: the first one up cannot take them all at once.
+    ids = submit_many(st, 24 * n)
     procs, nodes = [], []
     t0 = time.time()
     for _ in range(n):
         node = f"bench-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
-        argv = worker_argv("tiny", 8, queue=st.queue("tiny"))
+        argv = worker_argv("tiny", 1, queue=st.queue("tiny"))
         argv[argv.index("--hostname") + 1] = node
         procs.append(spawn(argv, {**st.env, "LMQUEUE_WORKER_MODEL": "tiny"}))
         nodes.append(node)
