@@ -88,7 +88,10 @@ def test_the_worker_venv_has_the_worker_image_dependencies() -> None:
 def host(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Host]:
     tmp = tmp_path_factory.mktemp("compose")
     with fresh_postgres_database() as database_url:
-        h = Host(tmp, 0, database_url, light_venv())
+        t = time.monotonic()
+        venv = light_venv()
+        print(f"\nlight venv ready in {time.monotonic() - t:.1f}s: {venv}")
+        h = Host(tmp, 0, database_url, venv)
         from cli.procs import free_port
 
         h.redis_port = free_port()
@@ -193,11 +196,15 @@ def test_compose_up_rehearsal(host: Host) -> None:
             assert scrape.status_code == 200
         uploads = list((host.tmp / "data").rglob("*"))
         assert any(p.is_file() for p in uploads), "uploads live on the data volume"
-        wait_until(
-            lambda: _alive(procs) or not _live_workers(host.database_url),
-            120,
-            "the pool to scale back to zero",
-        )
+        try:
+            wait_until(
+                lambda: _alive(procs) or not _live_workers(host.database_url),
+                300,
+                "the pool to scale back to zero",
+            )
+        except TimeoutError as exc:
+            live = _live_workers(host.database_url)
+            raise AssertionError(f"{exc}: live {live}\n{procs['pool-cpu'].tail(80)}") from exc
         flower = httpx.get(
             f"http://127.0.0.1:{host.ports[5555]}/", auth=("ops", "flower-test-secret"), timeout=10
         )
