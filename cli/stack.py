@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from cli.procs import Proc, free_port, python_argv, wait_until
 from lmqueue.commands import worker_argv
-from lmqueue.contract import queue_name, redis_queue_keys
+from lmqueue.contract import queue_name, redis_key_prefix, redis_queue_keys
 from lmqueue.migrate import upgrade_head
 from lmqueue.tables import Job, JobStatus
 
@@ -164,10 +164,28 @@ class Stack:
         if self._engine is not None:
             self._engine.dispose()
 
+    def settings(self) -> Any:
+        """The queue settings the stack's processes derive from their environment (store,
+        Redis, queue prefix, deployment namespace), for producers and readers in this process."""
+        from lmqueue.settings import Settings
+
+        env = self.env
+        return Settings(
+            database_url=env["DATABASE_URL"],
+            redis_url=self.redis_url,
+            queue_prefix=self.queue_prefix,
+            deployment=env.get("LMQUEUE_DEPLOYMENT", ""),
+        )
+
+    @property
+    def key_prefix(self) -> str:
+        """The stack's Redis namespace (every kombu key starts with it)."""
+        return redis_key_prefix(self.settings())
+
     def purge_queues(self) -> None:
         r = redis.Redis.from_url(self.redis_url)
         for model in self.models:
-            keys = redis_queue_keys(self.queue(model))
+            keys = redis_queue_keys(self.queue(model), self.key_prefix)
             r.delete(*keys)
         r.close()
 

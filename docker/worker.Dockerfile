@@ -1,6 +1,8 @@
-# The worker image: torch + transformers. The default torch wheel carries CUDA (the compose
-# `worker` service reserves a GPU); set TORCH_INDEX_URL to a CPU-only wheel index for a much
-# smaller image for the `worker-cpu` service.
+# The worker image: torch + transformers + the quantization kernels (bitsandbytes for bnb-int8 and
+# bnb-nf4, gptqmodel for gptq; pyproject's `quant` and `gptq` extras), running `lmqueue pool`.
+# The default torch wheel carries CUDA (the compose `pool` service reserves the GPUs); set
+# TORCH_INDEX_URL to a CPU-only wheel index for a much smaller image for `pool-cpu`.
+# gptqmodel is pinned (<7.7) to the releases built against TORCH_SPEC's torch: change both together.
 FROM python:3.11-slim
 
 ARG TORCH_SPEC=torch==2.13.0
@@ -17,8 +19,8 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
 COPY pyproject.toml README.md ./
 COPY scripts/requirements.py scripts/
 # nvidia-ml-py: GPU memory and utilisation metrics (skipped silently without a GPU).
-RUN python scripts/requirements.py > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt nvidia-ml-py
+RUN python scripts/requirements.py --extras quant,gptq > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt nvidia-ml-py "$TORCH_SPEC"
 
 COPY . .
 RUN pip install --no-deps -e . \
@@ -28,4 +30,4 @@ RUN pip install --no-deps -e . \
 USER lmqueue
 
 EXPOSE 9100
-CMD ["lmqueue", "worker"]
+CMD ["lmqueue", "pool"]

@@ -23,6 +23,7 @@ from lmqueue.contract import (
     celery_priority,
     describe_job_ids,
     queue_name,
+    redis_key_prefix,
 )
 from lmqueue.settings import Settings, get_settings
 
@@ -44,6 +45,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "queue_order_strategy": "priority",
             "priority_steps": PRIORITY_STEPS,
             "sep": PRIORITY_SEP,
+            # One namespace per deployment: stacks sharing a Redis never share a queue.
+            "global_keyprefix": redis_key_prefix(settings),
         },
         "task_serializer": "json",
         "accept_content": ["json"],

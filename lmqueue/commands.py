@@ -14,6 +14,7 @@ from lmqueue.contract import queue_name
 from lmqueue.logs import level_name
 
 CELERY_APP = "worker.celery_app"
+MONITOR_APP = "lmqueue.monitor_app"  # Flower's: no task modules, so no torch
 
 
 def worker_argv(
@@ -55,7 +56,7 @@ def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
         "-m",
         "celery",
         "-A",
-        CELERY_APP,
+        MONITOR_APP,
         "flower",
         f"--port={port}",
         f"--address={address}",

@@ -37,9 +37,16 @@ def celery_priority(api_priority: int) -> int:
     return 9 - max(0, min(9, api_priority))
 
 
-def redis_queue_keys(queue: str) -> list[str]:
-    """Every Redis list that holds messages of `queue`, one per priority step."""
-    return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+def redis_key_prefix(settings: Settings | None = None) -> str:
+    """kombu's global key prefix: every Redis key of this deployment starts with it."""
+    return f"{(settings or get_settings()).deployment_name()}:"
+
+
+def redis_queue_keys(queue: str, prefix: str | None = None) -> list[str]:
+    """Every Redis list that holds messages of `queue`, one per priority step. `prefix`: the
+    deployment's key prefix (None: this process's settings)."""
+    pre = redis_key_prefix() if prefix is None else prefix
+    return [pre + (queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}") for p in PRIORITY_STEPS]
 
 
 # Per-job delta streams (Redis streams): the worker appends one entry per step for each job that

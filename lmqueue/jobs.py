@@ -124,6 +124,12 @@ def offered_jobs(session: Session, job_ids: Sequence[str]) -> list[Job]:
     return list(session.scalars(stmt))
 
 
+def unknown_job_ids(session: Session, job_ids: Sequence[str]) -> list[str]:
+    """The ids the store has no job for (a message meant for another deployment's store)."""
+    known = set(session.scalars(select(Job.id).where(Job.id.in_(job_ids))))
+    return [i for i in job_ids if i not in known]
+
+
 def jobs_to_drop(
     session: Session, running: Sequence[str], waiting: Sequence[str], worker: str
 ) -> set[str]:

@@ -1,6 +1,7 @@
 """Reading kombu's Redis structures: the queue lists and the unacked hash with its index.
 
-kombu keeps a queue `Q` as Redis lists `Q`, `Q:1`..`Q:9` (priority steps). A message a worker
+kombu keeps a queue `Q` as Redis lists `Q`, `Q:1`..`Q:9` (priority steps), every key under the
+deployment's prefix (`P:Q`, `P:unacked`). A message a worker
 has taken but not acked sits in the hash `unacked` (delivery tag -> JSON [message, exchange,
 routing key]) and the sorted set `unacked_index` (delivery tag -> time taken). A message is
 JSON whose base64 `body` is JSON `[args, kwargs, embed]`; our task's kwargs carry `job_ids`.
@@ -16,12 +17,19 @@ from typing import Any
 
 import redis
 
-from lmqueue.contract import redis_queue_keys
+from lmqueue.contract import redis_key_prefix, redis_queue_keys
 
-# kombu's defaults (lmqueue.broker sets neither these keys nor a global key prefix).
+# kombu's names, under the deployment's global key prefix (lmqueue.broker sets it). `prefix`
+# arguments below: None = this process's settings.
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 PAGE = 1000
+
+
+def unacked_keys(prefix: str | None = None) -> tuple[str, str]:
+    """The deployment's unacked hash and its index."""
+    pre = redis_key_prefix() if prefix is None else prefix
+    return pre + UNACKED_KEY, pre + UNACKED_INDEX_KEY
 
 
 def job_ids_of(message: Any) -> list[str]:
@@ -38,22 +46,24 @@ def job_ids_of(message: Any) -> list[str]:
         return []
 
 
-def waiting_messages(client: redis.Redis, queue: str) -> int:
+def waiting_messages(client: redis.Redis, queue: str, prefix: str | None = None) -> int:
     """Messages waiting in the queue's lists (all priority steps)."""
     pipe = client.pipeline(transaction=False)
-    for key in redis_queue_keys(queue):
+    for key in redis_queue_keys(queue, prefix):
         pipe.llen(key)
     return sum(int(n) for n in pipe.execute())
 
 
-def queued_job_ids(client: redis.Redis, queue: str, page: int = PAGE) -> set[str]:
+def queued_job_ids(
+    client: redis.Redis, queue: str, page: int = PAGE, prefix: str | None = None
+) -> set[str]:
     """Every job id in the queue's lists, read in pages so a long list never blocks Redis.
 
     Producers push on the left and workers pop on the right, so reading left-to-right by index
     can show a message twice (a push shifted it) but never skips one that stays in the list.
     """
     ids: set[str] = set()
-    for key in redis_queue_keys(queue):
+    for key in redis_queue_keys(queue, prefix):
         start = 0
         while True:
             chunk = client.lrange(key, start, start + page - 1)
@@ -79,8 +89,8 @@ class Reserved:
         return job_ids_of(self.message)
 
 
-def _entries(client: redis.Redis) -> Iterator[tuple[str, Any]]:
-    for tag, raw in client.hscan_iter(UNACKED_KEY, count=PAGE):
+def _entries(client: redis.Redis, prefix: str | None) -> Iterator[tuple[str, Any]]:
+    for tag, raw in client.hscan_iter(unacked_keys(prefix)[0], count=PAGE):
         try:
             entry = json.loads(raw)
         except ValueError:
@@ -89,34 +99,39 @@ def _entries(client: redis.Redis) -> Iterator[tuple[str, Any]]:
             yield (tag.decode() if isinstance(tag, bytes) else str(tag)), entry
 
 
-def reserved_counts(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+def reserved_counts(
+    client: redis.Redis, queues: Iterable[str], prefix: str | None = None
+) -> dict[str, int]:
     """Unacked messages per queue (the routing key is the queue name)."""
     counts = dict.fromkeys(queues, 0)
-    for _tag, (_msg, _exchange, routing_key) in _entries(client):
+    for _tag, (_msg, _exchange, routing_key) in _entries(client, prefix):
         if routing_key in counts:
             counts[routing_key] += 1
     return counts
 
 
-def reserved_messages(client: redis.Redis, queue: str) -> list[Reserved]:
+def reserved_messages(client: redis.Redis, queue: str, prefix: str | None = None) -> list[Reserved]:
     """The queue's unacked messages with the time each was taken."""
-    found = [Reserved(tag, rk, msg) for tag, (msg, _ex, rk) in _entries(client) if rk == queue]
+    entries = _entries(client, prefix)
+    found = [Reserved(tag, rk, msg) for tag, (msg, _ex, rk) in entries if rk == queue]
     if found:
+        index = unacked_keys(prefix)[1]
         pipe = client.pipeline(transaction=False)
         for r in found:
-            pipe.zscore(UNACKED_INDEX_KEY, r.tag)
+            pipe.zscore(index, r.tag)
         for r, score in zip(found, pipe.execute(), strict=True):
             r.delivered_at = float(score) if score is not None else 0.0
     return found
 
 
-def forget_reserved(client: redis.Redis, tags: Iterable[str]) -> int:
+def forget_reserved(client: redis.Redis, tags: Iterable[str], prefix: str | None = None) -> int:
     """Drop unacked entries whose holder is gone; the store, not Redis, decides what runs."""
+    hash_key, index = unacked_keys(prefix)
     pipe = client.pipeline(transaction=False)
     n = 0
     for tag in tags:
-        pipe.zrem(UNACKED_INDEX_KEY, tag)
-        pipe.hdel(UNACKED_KEY, tag)
+        pipe.zrem(index, tag)
+        pipe.hdel(hash_key, tag)
         n += 1
     if n:
         pipe.execute()

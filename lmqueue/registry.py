@@ -47,6 +47,8 @@ class ModelSpec(BaseModel):
     # one, and passes the guards of lmqueue.semantic, gets its answer. "" = off.
     semantic_cache: str = ""
     semantic_threshold: float = Field(default=0.92, gt=0.0, le=1.0)
+    # `lmqueue pool`: workers of this model that may share one GPU (small models); 1 = a GPU each.
+    workers_per_gpu: int = Field(default=1, ge=1)
 
     def endpoints(self) -> tuple[str, ...]:
         if self.task == "embed":

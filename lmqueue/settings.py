@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
 
     # --- queue and delivery -----------------------------------------------------------------
     queue_prefix: str = "lmqueue"
+    # Namespaces every Redis key of the queue (kombu's global key prefix: queue lists, unacked
+    # messages, bindings, events), so two stacks on one Redis never take each other's messages.
+    deployment: str = Field(
+        default="", description="Redis namespace of this stack; empty = derived from the store"
+    )
     # Decode slots of a worker's continuous-batching loop (rows that decode together).
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_tokens: int = Field(default=16_384, ge=64)  # embeddings: tokens per encoder call
@@ -104,6 +110,10 @@ class Settings(BaseSettings):
         description="Flower's basic auth, user:password[,user2:password2]",
     )
     flower_host: str = "127.0.0.1"
+    metrics_key: str = Field(
+        default="",
+        description="bearer token for the API's /metrics; empty = an admin API key (auth on)",
+    )
     worker_metrics_port: int = Field(
         default=0, ge=0, le=65535, description="a worker's Prometheus port; 0 = off"
     )
@@ -193,6 +203,14 @@ class Settings(BaseSettings):
     scheduler_upscale_delay_s: float = Field(default=3.0, ge=0)
     scheduler_downscale_delay_s: float = Field(default=300.0, ge=0)
     scheduler_metrics_port: int = Field(default=9108, ge=0, description="Prometheus; 0 = off")
+    # `lmqueue pool`: the local backend bounded by this host's devices (scheduler/pool.py).
+    pool_gpus: str = Field(
+        default="auto", description='GPUs the pool places workers on: auto | none | "0,1"'
+    )
+    pool_cpu_workers: int = Field(default=1, ge=0, description="pool workers on a host with no GPU")
+    # Workers forked from a pre-imported template process (worker/template.py): seconds, not
+    # the ~7 s of importing torch and transformers in every new worker.
+    pool_fork: bool = True
     scheduler_compose_file: str = ""  # docker compose -f FILE ("" = compose's own lookup)
     scheduler_compose_service: str = "worker"  # "{model}" is replaced by the model name
     scheduler_k8s_namespace: str = "default"
@@ -246,6 +264,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'lmqueue.db').resolve()}"
+
+    def deployment_name(self) -> str:
+        """The stack's Redis namespace: the setting, or a digest of the store's URL, since every
+        process of one stack (API, workers, scheduler) names the same store."""
+        if self.deployment:
+            return self.deployment
+        digest = hashlib.sha256(self.resolved_database_url().encode()).hexdigest()
+        return f"s{digest[:10]}"
 
     def effective_concurrency(self) -> int:
         # Double buffering: while the slots run, as many jobs again wait in the worker, so a

@@ -6,6 +6,9 @@ The backlog counts work in progress once: a worker that holds a message has clai
 within milliseconds, so `reserved` (Redis) and `running` (store) describe the same work from two
 sides. We take the larger of the two rather than their sum, which would make one busy worker
 with an empty queue ask for a second.
+
+A bulk message carries up to LMQUEUE_BATCH_LINES_PER_MESSAGE jobs, so messages under-count a
+batch: the store's queued + running jobs are a second measure, and the larger one wins.
 """
 
 from __future__ import annotations
@@ -29,14 +32,21 @@ class Backlog:
     reserved: int  # messages taken by workers, not acked yet (kombu's `unacked`)
     running: int  # jobs running in the store
     held: int = 0  # held batch lines, in messages of batch_lines_per_message
+    queued: int = 0  # jobs queued in the store (a bulk message counts as its jobs)
 
     @property
     def total(self) -> int:
-        return self.waiting + self.held + max(self.reserved, self.running)
+        # Messages (held lines in messages' worth) or jobs, whichever says more: a bulk message
+        # of 32 lines is one message but 32 jobs of work.
+        messages = self.waiting + self.held + max(self.reserved, self.running)
+        return max(messages, self.queued + self.running)
 
     def describe(self) -> str:
         held = f", held {self.held}" if self.held else ""
-        return f"waiting {self.waiting}{held}, reserved {self.reserved}, running {self.running}"
+        return (
+            f"waiting {self.waiting}{held}, reserved {self.reserved}, running {self.running}, "
+            f"queued jobs {self.queued}"
+        )
 
 
 def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) -> dict[str, Backlog]:
@@ -45,12 +55,14 @@ def measure(client: redis.Redis, session: Session, queues: Mapping[str, str]) ->
     counts = open_job_counts(session)
     running = {m: n for (m, status), n in counts.items() if status == JobStatus.RUNNING}
     held = held_messages(session, get_settings())
+    queued = {m: n for (m, status), n in counts.items() if status == JobStatus.QUEUED}
     return {
         model: Backlog(
             waiting_messages(client, q),
             reserved.get(q, 0),
             running.get(model, 0),
             held.get(model, 0),
+            queued.get(model, 0),
         )
         for model, q in queues.items()
     }

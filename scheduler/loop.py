@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -126,9 +126,11 @@ class Scheduler:
         client: redis.Redis,
         backends: Mapping[str, Backend],
         queues: Mapping[str, str],
-        reaper: Reaper,
+        reaper: Reaper | None,
     ) -> None:
+        # reaper None: a worker pool beside a scheduler that recovers (compose's light one).
         self.settings, self.client, self.reaper = settings, client, reaper
+        self.on_close: list[Callable[[], None]] = []
         self.backends, self.queues = dict(backends), dict(queues)
         limits = limits_from(settings)
         self.scalers = {m: ModelScaler(m, queues[m], b, limits) for m, b in self.backends.items()}
@@ -138,7 +140,8 @@ class Scheduler:
     def tick(self, t: float | None = None) -> list[Decision]:
         t = time.time() if t is None else t
         lost = self._notice_dead_workers()
-        for reason, n in self.reaper.run_once(t).items():
+        recovered = self.reaper.run_once(t) if self.reaper is not None else {}
+        for reason, n in recovered.items():
             if n:
                 metrics.RECOVERED.labels(reason).inc(n)
         with session_scope() as session:
@@ -195,3 +198,5 @@ class Scheduler:
                 backend.close()
             except Exception:
                 log.exception("closing the %s backend failed", backend.model)
+        for close in self.on_close:
+            close()

@@ -15,7 +15,7 @@ from typing import Any
 log = logging.getLogger("lmqueue.scheduler")
 
 
-def build_scheduler() -> Any:
+def build_scheduler(pool: bool = False) -> Any:
     import redis
 
     from lmqueue.contract import queue_name
@@ -29,11 +29,15 @@ def build_scheduler() -> Any:
     models = sorted(get_registry())
     queues = {m: queue_name(m, settings) for m in models}
     client = redis.Redis.from_url(settings.redis_url)
+    if pool:
+        from scheduler.pool_main import build_pool
+
+        return build_pool(settings, client, queues)
     backends = {m: make_backend(m, settings) for m in models}
     return Scheduler(settings, client, backends, queues, Reaper(settings, client, queues))
 
 
-def run() -> int:
+def run(pool: bool = False) -> int:
     from lmqueue.batches.dispatch import Pump
     from lmqueue.logs import setup_logging, status
     from lmqueue.settings import get_settings
@@ -41,7 +45,7 @@ def run() -> int:
 
     setup_logging("scheduler")
     settings = get_settings()
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(pool)
     pump = Pump(settings)  # meters batch lines into Redis (lmqueue.batches.dispatch)
     stop = threading.Event()
 
@@ -54,8 +58,9 @@ def run() -> int:
     try:
         metrics.serve(settings.scheduler_metrics_port)
         status(
-            "scheduler started: backend %s, models %s, workers %d..%d, every %ss",
-            settings.scheduler_backend,
+            "%s started: backend %s, models %s, workers %d..%d, every %ss",
+            "pool" if pool else "scheduler",
+            "local (host pool)" if pool else settings.scheduler_backend,
             ", ".join(scheduler.queues) or "(none)",
             settings.scheduler_min_workers,
             settings.scheduler_max_workers,
@@ -76,6 +81,11 @@ def add_scheduler_commands(sub: Any) -> None:
     """Register `lmqueue scheduler` on the CLI's subparsers."""
     p = sub.add_parser("scheduler", help="autoscale workers on queue depth and recover jobs")
     p.set_defaults(fn=lambda _args: run())
+    p = sub.add_parser(
+        "pool",
+        help="a per-host worker pool: workers on this host's GPUs (one each), scaled on backlog",
+    )
+    p.set_defaults(fn=lambda _args: run(pool=True))
 
 
 def main(argv: list[str] | None = None) -> int:

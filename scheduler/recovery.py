@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from lmqueue.batches.ingest import resume_interrupted_ingests
 from lmqueue.batches.state import advance_batches
 from lmqueue.broker import enqueue_jobs
+from lmqueue.contract import redis_key_prefix
 from lmqueue.db import session_scope
 from lmqueue.files import sweep_stale_parts
 from lmqueue.kombu_redis import forget_reserved, queued_job_ids, reserved_messages
@@ -102,6 +103,7 @@ class Reaper:
         self.settings, self.client, self.queues = settings, client, dict(queues)
         self._send = send
         self._next_scan = 0.0
+        self.prefix = redis_key_prefix(settings)  # the deployment's Redis namespace
 
     def run_once(self, t: float) -> Counter[str]:
         """One pass; returns how many jobs each rule touched (timeout, worker_crashed,
@@ -133,9 +135,9 @@ class Reaper:
         # list scan costs O(queue length), so it only runs when some job may have lost its
         # message; the unacked scan (small) always runs, so a dead holder's entries never
         # linger as phantom backlog.
-        present = queued_job_ids(self.client, queue) if candidates else set()
+        present = queued_job_ids(self.client, queue, prefix=self.prefix) if candidates else set()
         held, stale_tags = self._unacked(queue, cutoff)
-        if forget_reserved(self.client, stale_tags):
+        if forget_reserved(self.client, stale_tags, self.prefix):
             log.info("dropped %d unacked messages of %s nobody holds", len(stale_tags), queue)
         lost = sorted(candidates - present - held)
         if not lost:
@@ -160,7 +162,7 @@ class Reaper:
 
         An entry is live if it was taken within the grace, or a worker is visibly on one of
         its jobs (see in_hand)."""
-        entries = reserved_messages(self.client, queue)
+        entries = reserved_messages(self.client, queue, self.prefix)
         old = [e for e in entries if e.delivered_at < cutoff]
         with session_scope() as session:
             busy = in_hand(session, [i for e in old for i in e.job_ids], cutoff)

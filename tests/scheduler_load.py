@@ -23,9 +23,7 @@ from lmqueue.transitions import mark_enqueued
 
 def producer_for(stack: Stack) -> Celery:
     app = Celery("test-producer")
-    app.conf.update(
-        celery_config(Settings(redis_url=stack.redis_url, queue_prefix=stack.queue_prefix))
-    )
+    app.conf.update(celery_config(stack.settings()))
     return app
 
 

@@ -21,6 +21,7 @@ from lmqueue.settings import Settings
 from tests.auth_stack import as_key, auth_stack, create_key, lmqueue_cli
 
 pytestmark = pytest.mark.timeout(120)
+METRICS_KEY = "scrape-secret-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,13 @@ def keyed_stack(
     redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     db = f"sqlite:///{tmp_path_factory.mktemp('auth') / 'lmqueue.db'}"
-    st = auth_stack(db, redis_url, tiny_model_dir, tmp_path_factory.mktemp("logs"))
+    st = auth_stack(
+        db,
+        redis_url,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("logs"),
+        LMQUEUE_METRICS_KEY=METRICS_KEY,
+    )
     with running(st):
         yield st
 
@@ -220,6 +227,19 @@ def test_admin_endpoints_need_the_admin_scope(keyed_stack: Stack, keys: dict[str
             assert admin.delete(f"/v1/admin/keys/{new_id}").json()["revoked_at"]
             assert fresh.get("/v1/jobs").status_code == 401
         assert admin.delete("/v1/admin/keys/key_nope").status_code == 404
+
+
+def test_metrics_need_the_metrics_key_or_an_admin_key(
+    keyed_stack: Stack, keys: dict[str, str]
+) -> None:
+    assert httpx.get(f"{keyed_stack.base_url}/metrics").status_code == 401
+    with as_key(keyed_stack, keys["a"]) as user:
+        assert user.get("/metrics").status_code == 403
+    with as_key(keyed_stack, keys["admin"]) as admin:
+        assert admin.get("/metrics").status_code == 200
+    with as_key(keyed_stack, METRICS_KEY) as prometheus:
+        resp = prometheus.get("/metrics")
+        assert resp.status_code == 200 and "lmqueue_queue_depth" in resp.text
 
 
 # --- refusing to expose an unprotected service ------------------------------------------------

@@ -177,7 +177,7 @@ def test_lines_are_metered_in_bulk_messages_then_cancelled(bstack: Stack) -> Non
     assert {j.priority for j in jobs} == {2}
     assert [bool(j.enqueued_at) for j in jobs] == [True] * window + [False] * (n - window)
     r = redis.Redis.from_url(bstack.redis_url)
-    key = f"{bstack.queue('idle')}:7"  # API priority 2 -> kombu priority 9 - 2
+    key = f"{bstack.key_prefix}{bstack.queue('idle')}:7"  # API priority 2 -> kombu's 9 - 2
     messages = [json.loads(m) for m in r.lrange(key, 0, -1)]
     r.close()
     assert len(messages) == window // 32
@@ -451,6 +451,7 @@ def producer_for(bstack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
     for name in ("LMQUEUE_QUEUE_PREFIX", "REDIS_URL", "DATABASE_URL", "LMQUEUE_DATA_DIR"):
         monkeypatch.setenv(name, bstack.env[name])
     monkeypatch.setenv("LMQUEUE_MODELS", bstack.env["LMQUEUE_MODELS"])
+    monkeypatch.setenv("LMQUEUE_DEPLOYMENT", bstack.key_prefix[:-1])
     reset_settings()
     reset_producer()
     yield

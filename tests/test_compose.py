@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 from cli.procs import free_port
 from lmqueue.readiness import head_revisions
 from scripts.env_example import render
-from scripts.requirements import WORKER_ONLY, dist_name, requirements
+from scripts.requirements import WORKER_EXTRAS, WORKER_ONLY, dist_name, requirements
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,7 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 # ${VAR}, ${VAR:-default}, ${VAR:?message}; `$${VAR}` is an escape for the container's shell.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "LMQUEUE_FLOWER_BASIC_AUTH")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "LMQUEUE_FLOWER_BASIC_AUTH",
+    "LMQUEUE_METRICS_KEY",
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +74,8 @@ def test_services_are_wired(compose: dict[str, Any]) -> None:
         "postgres",
         "migrate",
         "api",
-        "worker",
-        "worker-cpu",
+        "pool",
+        "pool-cpu",
         "scheduler",
         "flower",
     }
@@ -78,7 +83,7 @@ def test_services_are_wired(compose: dict[str, Any]) -> None:
     assert services["postgres"]["healthcheck"]["test"]
     assert services["migrate"]["command"] == ["sh", "scripts/prestart.sh"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker", "worker-cpu", "scheduler"):
+    for name in ("api", "pool", "pool-cpu", "scheduler"):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name
@@ -86,16 +91,25 @@ def test_services_are_wired(compose: dict[str, Any]) -> None:
         for dep in service.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
     assert services["scheduler"]["command"] == ["lmqueue", "scheduler"]
+    # The light scheduler starts no workers (it has no torch): recovery, batches, metrics.
+    assert services["scheduler"]["environment"]["LMQUEUE_SCHEDULER_BACKEND"] == "none"
+    # Uploaded files on a volume; /metrics behind a key on the published API port.
+    assert "lmqueue-data:/app/.lmqueue" in services["api"]["volumes"]
+    assert services["api"]["environment"]["LMQUEUE_DATA_DIR"] == "/app/.lmqueue"
+    assert "LMQUEUE_METRICS_KEY" in services["api"]["environment"]
     assert "--address" in services["flower"]["command"]
 
 
-def test_worker_reserves_a_gpu_and_has_a_cpu_variant(compose: dict[str, Any]) -> None:
-    gpu, cpu = compose["services"]["worker"], compose["services"]["worker-cpu"]
+def test_the_pool_takes_every_gpu_and_has_a_cpu_variant(compose: dict[str, Any]) -> None:
+    gpu, cpu = compose["services"]["pool"], compose["services"]["pool-cpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+    assert devices[0]["count"] == "all", "the pool places one worker per GPU of the host"
     assert "deploy" not in cpu
     assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
-    assert gpu["command"] == cpu["command"] == ["lmqueue", "worker"]
+    assert gpu["command"] == cpu["command"] == ["lmqueue", "pool"]
+    for service in compose["services"].values():  # no Docker socket: root on the host
+        assert not any("docker.sock" in str(v) for v in service.get("volumes", []))
 
 
 def test_images_exist_and_the_light_one_has_no_torch(compose: dict[str, Any]) -> None:
@@ -108,6 +122,10 @@ def test_images_exist_and_the_light_one_has_no_torch(compose: dict[str, Any]) ->
     names = {dist_name(r) for r in requirements(light=True)}
     assert not names & WORKER_ONLY
     assert {dist_name(r) for r in requirements(light=False)} >= WORKER_ONLY
+    worker = (ROOT / "docker" / "worker.Dockerfile").read_text()
+    assert "--extras quant,gptq" in worker  # every documented model kind runs in the image
+    quant = {dist_name(r) for r in requirements(light=False, extras=WORKER_EXTRAS)}
+    assert {"bitsandbytes", "gptqmodel"} <= quant
 
 
 def _prestart(database_url: str, wait_s: str = "60") -> subprocess.CompletedProcess[str]:

@@ -78,7 +78,10 @@ def wait_status(client: httpx.Client, job_id: str, wanted: str, timeout_s: float
 def queue_empty(stack: Stack) -> bool:
     r = redis.Redis.from_url(stack.redis_url)
     try:
-        return sum(int(r.llen(k)) for k in redis_queue_keys(stack.queue("long"))) == 0
+        return (
+            sum(int(r.llen(k)) for k in redis_queue_keys(stack.queue("long"), stack.key_prefix))
+            == 0
+        )
     finally:
         r.close()
 

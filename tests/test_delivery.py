@@ -20,6 +20,7 @@ def producer_for(stack: Stack, monkeypatch: pytest.MonkeyPatch):  # type: ignore
     """This test process as a producer on the stack's broker and queue prefix."""
     monkeypatch.setenv("REDIS_URL", stack.redis_url)
     monkeypatch.setenv("LMQUEUE_QUEUE_PREFIX", stack.queue_prefix)
+    monkeypatch.setenv("LMQUEUE_DEPLOYMENT", stack.key_prefix[:-1])
     reset_settings()
     reset_producer()
     yield producer_app()
@@ -36,7 +37,11 @@ def test_redelivered_message_does_not_recompute(stack: Stack, producer_for: obje
     enqueue_jobs("tiny", [job_id], 5)
     enqueue_jobs("tiny", [job_id], 5)
     r = redis.Redis.from_url(stack.redis_url)
-    wait_until(lambda: r.llen(stack.queue("tiny")) == 0, 30, "the duplicates to be consumed")
+    wait_until(
+        lambda: r.llen(stack.key_prefix + stack.queue("tiny")) == 0,
+        30,
+        "the duplicates to be consumed",
+    )
     # The worker acks only after its task returns; a probe job queued behind them proves
     # the duplicates were handled, not merely fetched.
     with stack.client() as client:

@@ -19,7 +19,6 @@ from cli.stack import Stack, running
 from lmqueue.broker import celery_config
 from lmqueue.db import make_engine
 from lmqueue.readiness import readiness
-from lmqueue.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -143,9 +142,7 @@ def test_api_metrics_report_queue_depth(metrics_stack: Stack) -> None:
         assert (sample(text, "lmqueue_jobs_submitted_total", model="idle", source="job") or 0) >= 3
 
         # A message delivered and not yet acked counts as reserved, not waiting.
-        opts = celery_config(Settings(redis_url=metrics_stack.redis_url))[
-            "broker_transport_options"
-        ]
+        opts = celery_config(metrics_stack.settings())["broker_transport_options"]
         with Connection(metrics_stack.redis_url, transport_options=opts) as conn:
             queue = conn.SimpleQueue(metrics_stack.queue("idle"), no_ack=False)
             message = queue.get(timeout=10)

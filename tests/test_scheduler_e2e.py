@@ -221,7 +221,7 @@ def test_deleted_queue_keys_are_recovered_from_the_store(two_workers: Stack) -> 
     wait_until(lambda: status_counts(st, ids).get("succeeded", 0) >= 50, 60, "50 done", every_s=0.1)
     r = redis.Redis.from_url(st.redis_url)
     deleted_at = time.time()
-    r.delete(*redis_queue_keys(st.queue("tiny")))
+    r.delete(*redis_queue_keys(st.queue("tiny"), st.key_prefix))
     r.close()
     lost = {j.id for j in _jobs(st, ids) if j.status == JobStatus.QUEUED}
     assert lost, "the queue emptied before the keys were deleted"

@@ -37,6 +37,9 @@ def test_backlog_counts_work_in_progress_once() -> None:
     assert Backlog(waiting=5, reserved=3, running=3).total == 8
     assert Backlog(waiting=0, reserved=32, running=32).total == 32  # one busy worker, no queue
     assert Backlog(waiting=0, reserved=0, running=4).total == 4
+    # A bulk batch: 4 messages of 32 job ids each count as their 128 jobs.
+    assert Backlog(waiting=4, reserved=0, running=0, queued=128).total == 128
+    assert Backlog(waiting=3, reserved=1, running=32, queued=96).total == 128
 
 
 def test_from_zero_is_immediate_otherwise_upscale_waits() -> None:
@@ -246,11 +249,31 @@ def test_keda_example_watches_every_priority_list_of_the_queue() -> None:
     yaml = pytest.importorskip("yaml")
     from pathlib import Path
 
-    from lmqueue.contract import redis_queue_keys
+    from lmqueue.contract import redis_key_prefix, redis_queue_keys
+    from lmqueue.settings import Settings
 
-    doc = yaml.safe_load(
-        (Path(__file__).parent.parent / "deploy/keda-scaledobject.yaml").read_text()
+    docs = list(
+        yaml.safe_load_all(
+            (Path(__file__).parent.parent / "deploy/keda-scaledobject.yaml").read_text()
+        )
     )
-    assert doc["kind"] == "ScaledObject" and doc["spec"]["minReplicaCount"] == 0
-    lists = [t["metadata"]["listName"] for t in doc["spec"]["triggers"] if t["type"] == "redis"]
-    assert lists == redis_queue_keys("lmqueue.tiny")
+    auth = next(d for d in docs if d["kind"] == "TriggerAuthentication")
+    assert auth["spec"]["secretTargetRef"][0]["parameter"] == "password"
+    scaled = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
+    settings = Settings(deployment="lmqueue")  # the namespace the example's comment sets
+    for name, doc in scaled.items():  # one ScaledObject per model, each on its Deployment
+        model = name.removeprefix("lmqueue-worker-")
+        assert doc["spec"]["scaleTargetRef"]["name"] == settings.scheduler_k8s_deployment.format(
+            model=model
+        )
+        assert doc["spec"]["minReplicaCount"] == 0
+    redis_triggers = [t for t in scaled["lmqueue-worker-tiny"]["spec"]["triggers"]]
+    lists = [t["metadata"]["listName"] for t in redis_triggers]
+    assert lists == redis_queue_keys("lmqueue.tiny", redis_key_prefix(settings))
+    for t in redis_triggers:
+        assert t["authenticationRef"]["name"] == auth["metadata"]["name"]
+        # The threshold is what one worker holds: its concurrency (2 x its slots).
+        assert int(t["metadata"]["listLength"]) == Settings().effective_concurrency()
+    (prom,) = scaled["lmqueue-worker-chat"]["spec"]["triggers"]
+    assert 'lmqueue_scheduler_backlog{model="chat"}' in prom["metadata"]["query"]
+    assert int(prom["metadata"]["threshold"]) == Settings().effective_concurrency()

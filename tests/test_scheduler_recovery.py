@@ -18,11 +18,10 @@ from lmqueue.contract import queue_name, redis_queue_keys
 from lmqueue.db import session_scope
 from lmqueue.jobs import create_job
 from lmqueue.kombu_redis import (
-    UNACKED_INDEX_KEY,
-    UNACKED_KEY,
     job_ids_of,
     queued_job_ids,
     reserved_counts,
+    unacked_keys,
 )
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Job, WorkerRecord, now
@@ -200,8 +199,9 @@ def _fake_unacked(r: redis.Redis, queue: str, job_ids: list[str], taken_ago: flo
     assert raw is not None
     msg = json.loads(raw)
     tag = msg["properties"]["delivery_tag"]
-    r.hset(UNACKED_KEY, tag, json.dumps([msg, "", queue]))
-    r.zadd(UNACKED_INDEX_KEY, {tag: time.time() - taken_ago})
+    unacked, index = unacked_keys()  # this process's deployment (the env fixture's)
+    r.hset(unacked, tag, json.dumps([msg, "", queue]))
+    r.zadd(index, {tag: time.time() - taken_ago})
     return str(tag)
 
 
@@ -224,20 +224,21 @@ def test_unacked_messages_count_until_their_holder_is_gone(env: Settings) -> Non
     ]
     with session_scope() as s:  # what the holder's task and heartbeat do
         mark_held(s, held, now())
+    unacked, index = unacked_keys()
     try:
         assert reserved_counts(r, [queue]) == {queue: 4}
         sent: list[tuple[str, list[str], int]] = []
         counts = _reaper(sent).run_once(now())
         assert counts["lost_message"] == 1
         assert [batch for _m, batch, _p in sent] == [orphan]
-        assert r.hexists(UNACKED_KEY, tags[0]) and r.hexists(UNACKED_KEY, tags[1])
-        assert not r.hexists(UNACKED_KEY, tags[2]), "the dead holder's entry is dropped"
-        assert r.hexists(UNACKED_KEY, tags[3]), "a held, unclaimed job is not a lost message"
+        assert r.hexists(unacked, tags[0]) and r.hexists(unacked, tags[1])
+        assert not r.hexists(unacked, tags[2]), "the dead holder's entry is dropped"
+        assert r.hexists(unacked, tags[3]), "a held, unclaimed job is not a lost message"
         assert reserved_counts(r, [queue]) == {queue: 3}
     finally:
         for tag in tags:
-            r.hdel(UNACKED_KEY, tag)
-            r.zrem(UNACKED_INDEX_KEY, tag)
+            r.hdel(unacked, tag)
+            r.zrem(index, tag)
         r.close()
 
 

@@ -54,6 +54,11 @@ GENERATION_THROUGHPUT = Gauge(
     "Generated tokens per second of the last decode step",
     ["model"],
 )
+# Ids in a message that this worker's store does not know: a message from another deployment
+# (two stacks on one Redis without separate LMQUEUE_DEPLOYMENT namespaces) or a deleted job.
+UNKNOWN_JOBS = Counter(
+    "lmqueue_worker_unknown_jobs", "Job ids received that the store does not know", ["model"]
+)
 # The engine increments these when it reuses a computed prompt prefix (KV cache).
 PREFIX_CACHE_QUERIES = Counter(
     "lmqueue_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", ["model"]

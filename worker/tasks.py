@@ -16,9 +16,11 @@ from sqlalchemy.exc import OperationalError
 
 from lmqueue.contract import TASK_PROCESS_JOBS, ProcessJobs
 from lmqueue.db import session_scope
-from lmqueue.jobs import offered_jobs
+from lmqueue.jobs import offered_jobs, unknown_job_ids
+from lmqueue.settings import get_settings
 from lmqueue.transitions import mark_held
 from worker.celery_app import app
+from worker.metrics import UNKNOWN_JOBS
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ def process_jobs(self: Any, job_ids: list[str]) -> dict[str, int]:
     with session_scope() as session:
         items = [runtime.waiting_item(job) for job in offered_jobs(session, payload.job_ids)]
         mark_held(session, [w.job_id for w in items], time.time())
+        if len(items) < len(payload.job_ids):
+            _note_unknown(unknown_job_ids(session, payload.job_ids))
     taken, overflow = runtime.loop.offer(items)
     if overflow:
         _resend(self, [w.job_id for w in overflow])
@@ -50,6 +54,21 @@ def process_jobs(self: Any, job_ids: list[str]) -> dict[str, int]:
         "resent": len(overflow),
         "skipped": len(payload.job_ids) - len(items),
     }
+
+
+def _note_unknown(ids: list[str]) -> None:
+    """Skipping a finished job is normal (a re-sent message); an id the store has never seen
+    means this worker reads a queue another deployment also feeds: say so loudly."""
+    if not ids:
+        return
+    model = get_settings().worker_model
+    UNKNOWN_JOBS.labels(model).inc(len(ids))
+    log.warning(
+        "%d job id(s) unknown to this worker's store (e.g. %s): is another deployment using "
+        "this Redis with the same LMQUEUE_DEPLOYMENT?",
+        len(ids),
+        ids[0],
+    )
 
 
 def _resend(task: Any, job_ids: list[str]) -> None:

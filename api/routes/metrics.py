@@ -1,11 +1,21 @@
-"""GET /metrics: Prometheus text format (unauthenticated, like every Prometheus target; keep
-the port on the internal network)."""
+"""GET /metrics: Prometheus text format, behind a key: the API port is public, and queue depths,
+model names and worker counts are nobody else's business.
+
+LMQUEUE_METRICS_KEY set: Prometheus sends it as a bearer token (`authorization.credentials` in
+a scrape config). Unset, with API keys on: an admin API key. With auth off (a loopback-only
+local run) it is open, like the rest of the API."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from api.auth import _bearer, get_principal, require_admin
+from api.errors import APIError
 from lmqueue.contract import queue_name
 from lmqueue.db import session_scope
 from lmqueue.jobs import open_job_counts
@@ -33,6 +43,26 @@ def install_queue_collector() -> None:
     )
 
 
+def _allowed(credentials: HTTPAuthorizationCredentials | None) -> None:
+    settings = get_settings()
+    given = credentials.credentials.strip() if credentials else ""
+    if settings.metrics_key:
+        if hmac.compare_digest(given.encode(), settings.metrics_key.encode()):
+            return
+        if not settings.auth_enabled:  # the key is the only way in; no API keys to fall back on
+            raise APIError(
+                401,
+                "/metrics needs 'Authorization: Bearer <LMQUEUE_METRICS_KEY>'",
+                code="invalid_api_key",
+                type_="invalid_request_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    require_admin(get_principal(credentials))
+
+
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
+def metrics(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Response:
+    _allowed(credentials)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

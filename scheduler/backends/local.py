@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 
@@ -30,6 +30,7 @@ from lmqueue.lifeline import SCHEDULER_PID_ENV, die_with_parent, orphaned_schedu
 from lmqueue.settings import Settings
 from lmqueue.tables import Job, JobStatus, WorkerRecord
 from scheduler.backends.base import Backend
+from scheduler.pool import Placement, Places
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Child:
     nodename: str  # the Celery node name (--hostname), target of remote control
-    proc: subprocess.Popen[bytes]
+    proc: WorkerProc
     started_at: float
     draining_since: float | None = None  # cancel_consumer asked
     consumer_cancelled: bool = False  # ... and the worker confirmed
     terminated_at: float | None = None  # SIGTERM sent
+    placement: Placement | None = None  # the pool's GPU (or CPU place) it holds
 
     @property
     def record_hostname(self) -> str:
@@ -53,7 +55,20 @@ class Child:
         return self.draining_since is not None
 
 
-Spawner = Callable[[list[str], dict[str, str]], "subprocess.Popen[bytes]"]
+class WorkerProc(Protocol):
+    """What the backend needs of a worker process: subprocess.Popen, or a forked one
+    (scheduler/forking.py)."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+Spawner = Callable[[list[str], dict[str, str]], WorkerProc]
 
 
 def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -71,12 +86,15 @@ class LocalBackend(Backend):
         control: Any = None,
         spawn: Spawner = _popen,
         env: dict[str, str] | None = None,
+        places: Places | None = None,
+        per_place: int = 1,
     ) -> None:
         super().__init__(model)
         self.settings, self.queue = settings, queue
         self._control = control
         self._spawn_proc = spawn
         self._env = env
+        self._places, self._per_place = places, per_place  # None: no device bound (lmqueue up)
         self.children: list[Child] = []
         self._backoff_s = 0.0  # grows while children die young (a model that cannot load)
         self._no_spawn_until = 0.0
@@ -118,8 +136,13 @@ class LocalBackend(Backend):
     def scale_to(self, n: int) -> None:
         serving = self._serving()
         want = max(0, n - self.floor())
+        # Backlog came back while workers drain: a draining worker is warm, resume it first.
+        for child in [c for c in self.children if c.retiring][: max(0, want - len(serving))]:
+            if self._resume(child):
+                serving.append(child)
         for _ in range(want - len(serving)):
-            self._spawn()
+            if self._spawn() is None:
+                break  # backing off, or the host has no free GPU: try again next tick
         for child in self._retire_order(serving)[: max(0, len(serving) - want)]:
             self._start_drain(child)
 
@@ -131,7 +154,7 @@ class LocalBackend(Backend):
                 if child.retiring:
                     self._advance_drain(child)
                 continue
-            self.children.remove(child)
+            self._forget(child)
             if child.retiring and code == 0:
                 log.info("worker %s retired", child.nodename)
                 continue
@@ -165,7 +188,8 @@ class LocalBackend(Backend):
                 log.warning("worker %s ignored SIGTERM; killing it", child.nodename)
                 child.proc.kill()
                 child.proc.wait()
-        self.children.clear()
+        for child in list(self.children):
+            self._forget(child)
 
     # --- spawning ---------------------------------------------------------------------------
 
@@ -175,6 +199,11 @@ class LocalBackend(Backend):
     def _spawn(self) -> Child | None:
         if time.time() < self._no_spawn_until:
             return None  # backing off after crashes; scale_to tries again next tick
+        placement = None
+        if self._places is not None:
+            placement = self._places.take(self.model, self._per_place)
+            if placement is None:
+                return None  # every GPU of this host is taken
 
         argv = worker_argv(self.model, self.settings.effective_concurrency(), queue=self.queue)
         # worker_argv names every worker of this scheduler alike; remote control needs one name.
@@ -186,10 +215,23 @@ class LocalBackend(Backend):
             "LMQUEUE_WORKER_MODEL": self.model,
             SCHEDULER_PID_ENV: str(os.getpid()),  # a later scheduler can tell our orphans
         }
-        child = Child(nodename, self._spawn_proc(argv, env), time.time())
+        if placement is not None:
+            env.update(placement.env(self.settings.worker_metrics_port))
+        try:
+            proc = self._spawn_proc(argv, env)
+        except Exception:
+            if placement is not None:
+                self._places.give_back(placement)  # type: ignore[union-attr]
+            raise
+        child = Child(nodename, proc, time.time(), placement=placement)
         self.children.append(child)
         log.info("started worker %s (pid %d) for %s", nodename, child.proc.pid, self.queue)
         return child
+
+    def _forget(self, child: Child) -> None:
+        self.children.remove(child)
+        if child.placement is not None and self._places is not None:
+            self._places.give_back(child.placement)  # its GPU is free (the process is gone)
 
     # --- retiring ---------------------------------------------------------------------------
 
@@ -219,6 +261,20 @@ class LocalBackend(Backend):
         child.draining_since = time.time()
         log.info("draining worker %s", child.nodename)
         self._advance_drain(child)
+
+    def _resume(self, child: Child) -> bool:
+        """Put a draining worker back in service (before its SIGTERM only)."""
+        if child.terminated_at is not None:
+            return False
+        # Even unconfirmed, the cancel may have reached it: always ask it to consume again.
+        replies = self.control.add_consumer(
+            self.queue, destination=[child.nodename], reply=True, timeout=1.0
+        )
+        if not replies:
+            return False  # no answer (still loading?): spawn instead, the drain goes on
+        child.draining_since, child.consumer_cancelled = None, False
+        log.info("worker %s back in service (the backlog returned)", child.nodename)
+        return True
 
     def _advance_drain(self, child: Child) -> None:
         """One step of the drain, never blocking the loop for more than a short reply wait."""
