@@ -29,7 +29,7 @@ BUDGETS = {
     "bnb-int8": 90,
     "bnb-nf4": 70,
     "oom": 120,
-    "tune": 60,
+    "tune": 90,
     "hf-paged": 0,
     "gptq": 0,
 }
