@@ -29,7 +29,7 @@ BUDGETS = {
     "bnb-int8": 90,
     "bnb-nf4": 70,
     "oom": 120,
-    "tune": 60,
+    "tune": 90,
     "hf-paged": 0,
     "gptq": 0,
 }
@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(summary)
     device = "CPU rehearsal, tiny model" if args.tiny else "GPU, ~1B random Llama"
     header = (
-        f"{device}; {'16/8' if args.tiny else '128/64'} prompt/new tokens per row, greedy; "
+        f"{device}; {'16/8' if args.tiny else '128/64'} prompt/new tokens per row (oom: "
+        f"{'8' if args.tiny else '192'} new), greedy; "
         f"total {total:.0f}s of a {args.budget:.0f}s budget"
     )
     print(f"\n{header}\n\n{text}")

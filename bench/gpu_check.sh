@@ -63,7 +63,7 @@ echo "gpu_check: installed ${#wheels[@]} wheels offline in $(( $(date +%s) - T0 
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+export TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1
 args=(--budget "${GPU_CHECK_BUDGET_S:-420}")
 [ "${GPU_CHECK_TINY:-0}" = 1 ] && args+=(--tiny)
 [ -n "${GPU_CHECK_PATHS:-}" ] && args+=(--paths $GPU_CHECK_PATHS)

@@ -199,8 +199,18 @@ def tune(out: Rows, model_dir: Path, args: Any) -> None:
         return
     import subprocess
 
+    # `lmqueue tune MODEL ...` is this module run in its own process (cli/main.py cmd_tune).
     cmd = [sys.executable, "-m", "worker.tune", str(model_dir), "--device", DEVICE]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.tune_timeout)
+    cmd += ["--dtype", "float16", "--max-slots", "64"] if CUDA else ["--max-slots", "4"]
+    if args.tiny:
+        cmd += ["--prompt-len", "16", "--new-tokens", "8"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.tune_timeout)
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        tail = said.strip().splitlines()[-2:]
+        out.add("failed", f"timed out after {args.tune_timeout:.0f}s: " + " / ".join(tail))
+        return
     tail = (res.stdout + res.stderr).strip().splitlines()[-3:]
     out.add("ok" if res.returncode == 0 else "failed", " / ".join(tail)[:300])
 
@@ -217,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oom-rows", type=int, default=64)
     ap.add_argument("--oom-new", type=int)
     ap.add_argument("--oom-headroom-gib", type=float, default=1.0)
-    ap.add_argument("--tune-timeout", type=float, default=60)
+    ap.add_argument("--tune-timeout", type=float, default=75)
     args = ap.parse_args(argv)
     args.rows = args.rows or ([1, 4] if args.tiny else [1, 16, 64])
     args.prompt = args.prompt or (16 if args.tiny else 128)
     args.new = args.new or (8 if args.tiny else 64)
     args.oom_rows = 12 if args.tiny else args.oom_rows
     args.oom_new = args.oom_new or (8 if args.tiny else 192)
+    args.tune_timeout = 110 if args.tiny else args.tune_timeout
     out = Rows(args.out, args.path)
     if args.path == "build":
         t0 = time.perf_counter()
