@@ -448,7 +448,8 @@ def test_cli_batch_run(bstack: Stack, tmp_path: Path) -> None:
 @pytest.fixture
 def producer_for(bstack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let this test process act on the stack's store and queues (as the scheduler would)."""
-    for name in ("LMQUEUE_QUEUE_PREFIX", "REDIS_URL", "DATABASE_URL", "LMQUEUE_DATA_DIR"):
+    names = ("LMQUEUE_QUEUE_PREFIX", "REDIS_URL", "DATABASE_URL", "LMQUEUE_DATA_DIR")
+    for name in (*names, "LMQUEUE_CACHE_ENABLED"):
         monkeypatch.setenv(name, bstack.env[name])
     monkeypatch.setenv("LMQUEUE_MODELS", bstack.env["LMQUEUE_MODELS"])
     monkeypatch.setenv("LMQUEUE_DEPLOYMENT", bstack.key_prefix[:-1])
