@@ -190,7 +190,9 @@ def test_deadline_admission(env: Settings) -> None:
             job, _ = create_job(
                 session, owner="x", model=MODEL, endpoint="/v1/completions", body={}, priority=5
             )
-            job.status, job.finished_at = JobStatus.SUCCEEDED, t - i
+            # All within the last 15 s, so a slow machine's delay before the check below
+            # does not push any of them out of the one-minute window.
+            job.status, job.finished_at = JobStatus.SUCCEEDED, t - i / 4
     make_batch("key_a", 100, MODEL)  # 100 lines queued ahead
     with session_scope() as session:
         refusal = check_deadline(session, MODEL, 1000, 600, env)
