@@ -47,14 +47,15 @@ def submit_many(st: Stack, n: int) -> list[str]:
     jobs = [
         Job(id=new_id("job"), model="tiny", endpoint="/v1/completions", body=body) for _ in range(n)
     ]
+    ids = [j.id for j in jobs]
     with Session(st.engine) as session:
         session.add_all(jobs)
         session.commit()
-        for job in jobs:
-            app.send_task(TASK_PROCESS_JOBS, kwargs={"job_ids": [job.id]}, queue=st.queue("tiny"))
-        mark_enqueued(session, [j.id for j in jobs])
+        for job_id in ids:
+            app.send_task(TASK_PROCESS_JOBS, kwargs={"job_ids": [job_id]}, queue=st.queue("tiny"))
+        mark_enqueued(session, ids)
         session.commit()
-    return [j.id for j in jobs]
+    return ids
 
 
 def all_done(st: Stack, ids: list[str]) -> bool:

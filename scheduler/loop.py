@@ -61,6 +61,7 @@ class ModelScaler:
         self.model, self.queue, self.backend, self.limits = model, queue, backend, limits
         self.hysteresis = Hysteresis(limits.upscale_delay_s, limits.downscale_delay_s)
         self._last: tuple[int, int, int, str] | None = None
+        self._asked: tuple[int, int] | None = None  # the last (current, target) acted on
 
     def step(self, backlog: Backlog, t: float) -> Decision:
         current = self.backend.current()
@@ -70,8 +71,14 @@ class ModelScaler:
         if target < floor:  # workers someone else started: not ours to retire
             target = floor
             why = f"{why}; floor: {floor} worker(s) not started by the scheduler"
-        if target != current and self.backend.acts:
+        if target == current:
+            self._asked = None
+        elif self.backend.acts:
             self.backend.scale_to(target)
+            if (current, target) == self._asked:
+                # The same ask again: the backend could not act (a pool with no free GPU).
+                return Decision(self.model, self.queue, backlog, current, desired, target, why)
+            self._asked = (current, target)
             direction = "up" if target > current else "down"
             metrics.SCALE_ACTIONS.labels(self.model, direction).inc()
             log.info(

@@ -17,6 +17,7 @@ Single-threaded on purpose: forking a process with other threads can copy a held
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import runpy
@@ -41,6 +42,10 @@ PRELOAD = (
 )
 
 
+# Imported while a model loads (from_pretrained), when installed: half a cold start otherwise.
+LOAD_TIME = ("transformers.modeling_utils", "transformers.generation.utils", "torchao")
+
+
 def preload() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
@@ -49,6 +54,28 @@ def preload() -> None:
     # transformers resolves its classes lazily: touch the ones the loader uses.
     for cls in ("AutoModelForCausalLM", "AutoModel", "AutoTokenizer", "AutoConfig"):
         getattr(transformers, cls)
+    for name in LOAD_TIME:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    _preload_architectures()
+
+
+def _preload_architectures() -> None:
+    """The modeling modules of the registry's models (read from their configs, no weights)."""
+    from transformers import AutoConfig
+
+    from lmqueue.registry import get_registry
+
+    try:
+        specs = list(get_registry().values())
+    except Exception:  # a broken registry is the workers' to report, not the template's
+        return
+    for spec in specs:
+        try:
+            kind = AutoConfig.from_pretrained(spec.path).model_type
+            importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+        except Exception:
+            continue  # a hub id offline, an unusual layout: the worker imports it itself
 
 
 def _say(out: Any, **message: Any) -> None:
