@@ -5,6 +5,7 @@ The producer app has no tasks registered: it only sends messages by task name.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -27,12 +28,15 @@ from lmqueue.contract import (
 )
 from lmqueue.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 PUBLISH_PIPELINE = 500  # Redis commands buffered per pipelined round trip
 # What a send raises when Redis is down or unreachable.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (KombuOperationalError, redis.RedisError, OSError)
-# A send while Redis is down gives up after about a second: the caller has stored the job and
-# the scheduler's recovery sweep sends it once Redis is back, so there is no point waiting.
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+# A send while Redis is down gives up after a second or two: the caller has stored the job and
+# the scheduler's recovery sweep sends it once Redis is back, so there is no point waiting long
+# (but a busy Redis still gets a few tries).
+PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 1.0}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -61,7 +65,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "task_track_started": True,
         "task_publish_retry_policy": PUBLISH_RETRY,
-        "broker_connection_timeout": 2.0,
     }
 
 
@@ -126,7 +129,8 @@ def try_enqueue(model: str, job_ids: Sequence[str], priority: int) -> str | None
     committed to the store: their message is sent by recovery (scheduler.recovery) later."""
     try:
         return enqueue_jobs(model, job_ids, priority)
-    except BROKER_ERRORS:
+    except BROKER_ERRORS as exc:
+        log.warning("the queue is unreachable (%s); recovery will send %s", exc, job_ids[0])
         return None
 
 

@@ -65,6 +65,11 @@ def test_a_thousand_jobs_print_fewer_than_fifty_lines(
                 return bool(b["status"] == "completed")
 
             wait_until(completed, 400, f"{JOBS} jobs to run", every_s=1)
+        wait_until(
+            lambda: "jobs/s" in up.log_path.read_text(errors="replace"),
+            30,
+            "the scheduler's summary line",
+        )
         os.kill(up.pid, signal.SIGTERM)
         up.popen.wait(90)
     finally:

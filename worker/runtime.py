@@ -114,13 +114,16 @@ class WorkerRuntime:
             try:
                 with session_scope() as session:
                     renew_leases(session, self.loop.running_ids(), self.hostname, settings.lease_s)
-                    mark_held(session, self.loop.waiting_ids(), time.time())
                     _upsert_worker(session, self, status="up")
             except Exception:  # a missed beat is retried next time; leases outlive several
                 log.exception("heartbeat failed")
 
     def _watch_loop(self, settings: Settings) -> None:
-        """Tell the loop which of its jobs the store took back (cancel, batch end, timeout)."""
+        """Tell the loop which of its jobs the store took back (cancel, batch end, timeout),
+        and stamp the jobs it holds unclaimed (mark_held) well within the reaper's grace, so
+        their messages are never taken for lost, however short the grace is set."""
+        stamp_every = max(settings.cancel_poll_s, settings.recovery_grace_s / 4)
+        stamped = 0.0
         while not self._stop.wait(settings.cancel_poll_s):
             running, waiting = self.loop.running_ids(), self.loop.waiting_ids()
             if not (running or waiting):
@@ -128,6 +131,10 @@ class WorkerRuntime:
             try:
                 with session_scope() as session:
                     drop = jobs_to_drop(session, running, waiting, self.hostname)
+                    t = time.time()
+                    if waiting and t - stamped >= stamp_every:
+                        mark_held(session, waiting, t)
+                        stamped = t
             except Exception:
                 log.exception("cancellation check failed")
                 continue
