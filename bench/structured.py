@@ -87,7 +87,7 @@ def main() -> None:
         requests(engine, fmt, 1, 1)
     print(f"grammar compile (tokenizer info + 2 grammars): {time.perf_counter() - t0:.2f} s")
     run(engine, requests(engine, None, 2, 4))  # warm-up
-    totals = {name: [0, 0.0] for name in FORMATS}
+    totals: dict[str, list[float]] = {name: [0, 0.0] for name in FORMATS}
     for _ in range(args.rounds):  # interleaved, so load changes hit every way alike
         for name, fmt in FORMATS.items():
             tokens, seconds = run(engine, requests(engine, fmt, args.rows, args.new_tokens))
@@ -99,7 +99,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for name, (tokens, seconds) in totals.items():
         rate = tokens / seconds
-        print(f"| {name} | {tokens} | {seconds:.2f} | {rate:.1f} | {rate / free:.2f} |")
+        print(f"| {name} | {tokens:.0f} | {seconds:.2f} | {rate:.1f} | {rate / free:.2f} |")
 
 
 if __name__ == "__main__":
