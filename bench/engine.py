@@ -1,4 +1,4 @@
-"""The inference engine against the Hugging Face pipeline, shared-prefix reuse, quantization.
+"""The inference engine against what users run instead, shared-prefix reuse, quantization.
 
     python -m bench.engine [--prompts 256] [--new-tokens 16] [--threads 1] [--parts all]
 
@@ -7,11 +7,9 @@ and cached on first use), CPU, greedy decoding. Prints figures (and a Markdown t
 bench/RESULTS.md); asserts nothing about speed.
 
 Parts (--parts, comma-separated; default all):
-  mixed   256 prompts of 10-200 tokens: (a) our engine, as the worker runs it (micro-batches of
-          --micro-batch in arrival order, sorted and cut into length buckets); (b) the
-          `transformers.pipeline("text-generation", batch_size=N)` at its best N (N is picked on
-          a 64-prompt subset); (c) our engine one request at a time (a subset); plus the padding
-          waste of random, sorted and bucketed micro-batches;
+  continuous  256 prompts of 10-200 tokens x max_tokens 8-128: (i) the slot loop, (ii) the
+          static micro-batch policy, (iii) transformers' continuous batching, (iv) the HF
+          pipeline at its best N; decode-step time by live rows (bench/continuous.py);
   prefix  rows sharing a 150-token prefix with 20-token suffixes: with and without reuse, at
           several batch sizes;
   static  our decode loop with a DynamicCache vs a StaticCache (batch 64);
@@ -28,16 +26,15 @@ import sysconfig
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from worker.batcher import WorkItem
-from worker.runner import Prepared, plan_chunks
 
+from bench.continuous import part_continuous
 from lmqueue.registry import ModelSpec
 from lmqueue.settings import Settings
-from worker.buckets import padding_waste, plan_buckets
 from worker.engine import Engine, GenRequest, GenResult, PrefixPolicy
 from worker.loading import load_engine
 
@@ -81,114 +78,6 @@ def greedy(prompts: list[list[int]], new: int) -> list[GenRequest]:
     return [GenRequest(p, new, temperature=0) for p in prompts]
 
 
-# ---- mixed lengths: engine vs pipeline vs one by one -------------------------------------------
-
-
-def engine_as_worker(
-    engine: Engine, prompts: list[list[int]], new: int, micro: int, budget: int, waste: float
-) -> list[GenResult]:
-    """The worker's policy: micro-batches in arrival order, each sorted and bucketed."""
-    results: dict[int, GenResult] = {}
-    for start in range(0, len(prompts), micro):
-        rows = [
-            Prepared(WorkItem(str(i), "/v1/completions", {}), GenRequest(prompts[i], new, 0.0))
-            for i in range(start, min(start + micro, len(prompts)))
-        ]
-        for chunk in plan_chunks(rows, micro, budget, waste):
-            for r, res in zip(chunk, engine.generate([r.request for r in chunk]), strict=True):
-                assert isinstance(res, GenResult), res
-                results[int(r.item.job_id)] = res
-    return [results[i] for i in range(len(prompts))]
-
-
-def run_pipeline(pipe: Any, texts: list[str], new: int, batch: int) -> list[str]:
-    out = pipe(texts, batch_size=batch, max_new_tokens=new, do_sample=False, return_full_text=False)
-    return [o[0]["generated_text"] for o in out]
-
-
-def part_mixed(engine: Engine, args: argparse.Namespace, settings: Settings) -> None:
-    from transformers import pipeline
-
-    tok = engine.tokenizer
-    prompts = mixed_prompts(tok, args.prompts, 10, 200)
-    lengths = [len(p) for p in prompts]
-    micro, budget, waste = args.micro_batch, settings.max_batch_tokens, settings.bucket_max_waste
-
-    # Padding waste of the prefill: one padded call per micro-batch (arrival order), the
-    # runner's length buckets, and the engine's prefill groups inside each bucket.
-    whole = [lengths[i : i + micro] for i in range(0, len(lengths), micro)]
-    buckets, groups = [], []
-    for g in whole:
-        s = sorted(g)
-        for r in plan_buckets(s, micro, budget, waste):
-            b = s[r.start : r.stop]
-            buckets.append(b)
-            pw = engine.prefill_max_waste
-            groups += [b[q.start : q.stop] for q in plan_buckets(b, len(b), 1 << 62, pw)]
-    for label, gs in (
-        (f"one padded prefill per micro-batch of {micro}", whole),
-        (f"length buckets (bucket_max_waste {waste})", buckets),
-        (f"+ prefill groups (prefill_max_waste {engine.prefill_max_waste})", groups),
-    ):
-        row(f"prefill padding: {label}", f"{padding_waste(gs):.1%}", f"{len(gs)} forward calls")
-
-    texts = [tok.decode(p) for p in prompts]  # "<|bos|>..." -> the pipeline sees the same ids
-    pipe = pipeline("text-generation", model=engine.model, tokenizer=tok)
-    pipe.tokenizer.padding_side = "left"
-    new = args.new_tokens
-
-    # (b) pick the pipeline's best batch size on a subset, then run it on everything.
-    sub = texts[: args.sweep]
-    best_n, best_t = 1, float("inf")
-    for n in args.pipeline_batches:
-        _, t = clock(lambda n=n: run_pipeline(pipe, sub, new, n))
-        print(f"pipeline batch_size={n}: {len(sub)} prompts in {t:.1f}s")
-        if t < best_t:
-            best_n, best_t = n, t
-
-    # (a) and (b) interleaved with a repeat, so a load spike on the shared machine hits both.
-    t_a, t_b = [], []
-    ours: list[GenResult] = []
-    theirs: list[str] = []
-    for _ in range(args.repeats):
-        ours, t = clock(lambda: engine_as_worker(engine, prompts, new, micro, budget, waste))
-        t_a.append(t)
-        theirs, t = clock(lambda: run_pipeline(pipe, texts, new, best_n))
-        t_b.append(t)
-    ta, tb = min(t_a), min(t_b)
-    n_tokens = sum(r.completion_tokens for r in ours)
-    same = sum(r.text == t for r, t in zip(ours, theirs, strict=True))
-    print(f"(a) engine {ta:.1f}s  (b) pipeline N={best_n} {tb:.1f}s  a/b = {tb / ta:.2f}x")
-    print(f"    identical completions: {same}/{len(prompts)}")
-    row(
-        f"(a) engine, {len(prompts)} prompts x {new} new tokens",
-        f"{n_tokens / ta:.0f} tok/s",
-        f"{ta:.1f} s",
-    )
-    row(f"(b) HF pipeline, best batch_size={best_n}", f"{n_tokens / tb:.0f} tok/s", f"{tb:.1f} s")
-    row("**a/b**", f"**{tb / ta:.2f}x**", f"identical outputs {same}/{len(prompts)}")
-
-    # (c) one request at a time (a subset): per-request throughput.
-    subset = prompts[: args.serial]
-    _, tc = clock(lambda: [engine.generate(greedy([p], new)) for p in subset])
-    row(
-        f"(c) engine, batch size 1 ({len(subset)} prompts)",
-        f"{len(subset) * new / tc:.0f} tok/s",
-        f"{len(subset) / tc:.2f} req/s vs (a) {len(prompts) / ta:.2f} req/s",
-    )
-
-    # The engine as it was before length buckets, prefill groups and KV buffers.
-    saved = engine.kv_buffers
-    engine.kv_buffers = False  # plain DynamicCache (torch.cat per step), one padded prefill
-    _, t = clock(lambda: engine_as_worker(engine, prompts, new, micro, budget, 1.0))
-    engine.kv_buffers = saved
-    row(
-        "(a) without buckets, prefill groups, KV buffers",
-        f"{n_tokens / t:.0f} tok/s",
-        f"{t:.1f} s ({t / ta:.2f}x the time of (a))",
-    )
-
-
 # ---- shared prefix --------------------------------------------------------------------------
 
 
@@ -206,7 +95,7 @@ def part_prefix(engine: Engine, args: argparse.Namespace) -> None:
         for _ in range(args.repeats):
             for mode, policy in (("off", NO_REUSE), ("on", PrefixPolicy(min_tokens=1, min_rows=1))):
                 engine.prefix_policy = policy
-                outs[mode], t = clock(lambda reqs=reqs: engine.generate(reqs))
+                outs[mode], t = clock(partial(engine.generate, reqs))
                 times[mode] = min(times[mode], t)
         same = all(a.token_ids == b.token_ids for a, b in zip(outs["off"], outs["on"], strict=True))
         speedup = times["off"] / times["on"]
@@ -335,7 +224,7 @@ def part_quant(base: Engine, model_dir: Path, args: argparse.Namespace) -> None:
 
     def timed(engine: Engine) -> tuple[list[GenResult], float]:
         engine.generate(greedy(prompts[:2], 2))  # warm-up (kernel selection, lazy init)
-        best, out = float("inf"), []
+        best, out = float("inf"), list[Any]()
         for _ in range(args.repeats):
             out, t = clock(lambda: engine.generate(reqs))
             best = min(best, t)
@@ -389,15 +278,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--serial", type=int, default=32, help="prompts run one at a time")
-    parser.add_argument("--pipeline-batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--sweep", type=int, default=48, help="prompts to pick the pipeline's N")
+    parser.add_argument("--slots", type=int, default=Settings().max_batch_size)
+    parser.add_argument("--prefill-budget", type=int, default=Settings().prefill_budget)
+    parser.add_argument("--cb-prompts", type=int, default=64, help="requests for (iii)")
+    parser.add_argument("--pipeline-batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--sweep", type=int, default=32, help="requests to pick the pipeline's N")
     parser.add_argument("--prefix-batches", type=int, nargs="+", default=[1, 2, 4, 32])
     parser.add_argument("--quant-prompts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--parts", default="mixed,prefix,static,quant")
+    parser.add_argument("--parts", default="continuous,prefix,static,quant")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -409,16 +299,20 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     settings = Settings()
-    engine_settings = settings
     model_dir = bench_model()
     engine = load_engine(ModelSpec(name="bench", path=str(model_dir)))
     assert isinstance(engine, Engine)
-    engine.prefill_max_waste = engine_settings.prefill_max_waste  # as worker.runtime does
+    engine.prefill_max_waste = settings.prefill_max_waste  # as worker.runtime does
     load = os.getloadavg()[0]
     print(f"bench model {model_dir}; torch threads {torch.get_num_threads()}; load {load:.1f}")
     parts = set(args.parts.split(","))
     sections = [
-        ("mixed", lambda: part_mixed(engine, args, settings)),
+        (
+            "continuous",
+            lambda: part_continuous(
+                engine, mixed_prompts(engine.tokenizer, args.prompts, 10, 200), args, row
+            ),
+        ),
         ("prefix", lambda: part_prefix(engine, args)),
         ("static", lambda: part_static(engine, args)),
         ("quant", lambda: part_quant(engine, model_dir, args)),

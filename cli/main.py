@@ -148,6 +148,11 @@ def cmd_build_demo_model(args: argparse.Namespace) -> int:
     return subprocess.call(argv)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    # Tuning runs the model (torch): the worker's tuner runs in its own process.
+    return subprocess.call([sys.executable, "-m", "worker.tune", *args.tune_args])
+
+
 # --- wiring -----------------------------------------------------------------------------------
 
 
@@ -198,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("out", type=Path)
     b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
     b.set_defaults(fn=cmd_build_demo_model)
+
+    t = sub.add_parser(
+        "tune",
+        help="measure throughput at growing slot counts; recommend max_batch_size and "
+        "the prefill budget (python -m worker.tune --help)",
+        add_help=False,
+    )
+    t.add_argument("tune_args", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_tune)
 
     add_keys_commands(sub)
     add_batch_commands(sub)  # lmqueue batch run|status|cancel|retry|results

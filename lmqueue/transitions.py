@@ -6,7 +6,8 @@
                                      a worker drops a cancelled running row within a few steps
     queued | running -> failed       time_out (past deadline_at: the reaper, or the worker)
     running -> queued | failed       recover_abandoned (its worker is gone: re-send, or give up)
-    queued, stamped enqueued_at      mark_enqueued, mark_resent (who sends its message)
+    queued, stamped enqueued_at      mark_enqueued, mark_resent (who sends its message),
+                                     mark_held (a worker holds its message, not yet claimed)
 
 Every state change is a conditional UPDATE, so two processes racing on one job can never both
 win: a redelivered message finds its job already claimed or finished and does nothing, and a
@@ -250,6 +251,19 @@ def recover_abandoned(
 
 def mark_enqueued(session: Session, job_ids: Sequence[str]) -> None:
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now()))
+
+
+def mark_held(session: Session, job_ids: Sequence[str], t: float) -> None:
+    """A worker holds these jobs' message on its waiting list (still queued, not claimed):
+    stamping enqueued_at tells the reaper the message is not lost, so it neither re-sends the
+    jobs nor drops the worker's unacked entry while they wait for a slot."""
+    for chunk in in_chunks(job_ids):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED)
+            .values(enqueued_at=t)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def mark_resent(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from lmqueue.batches.state import advance_batches
@@ -53,13 +53,18 @@ def stale_queued(session: Session, model: str, cutoff: float) -> set[str]:
 
 
 def in_hand(session: Session, ids: Sequence[str], cutoff: float) -> set[str]:
-    """Jobs a worker is visibly working on: running, or finished after `cutoff` (its message
-    is acked right after the result is stored, so such an entry is about to go away)."""
+    """Jobs a worker is visibly working on: running, held on its waiting list (queued, stamped
+    by mark_held after `cutoff`), or finished after `cutoff` (its message is acked right after
+    the result is stored, so such an entry is about to go away)."""
     found: set[str] = set()
     for chunk in in_chunks(ids):
         stmt = select(Job.id).where(
             Job.id.in_(chunk),
-            or_(Job.status == JobStatus.RUNNING, Job.finished_at >= cutoff),
+            or_(
+                Job.status == JobStatus.RUNNING,
+                and_(Job.status == JobStatus.QUEUED, Job.enqueued_at >= cutoff),
+                Job.finished_at >= cutoff,
+            ),
         )
         found.update(str(i) for i in session.scalars(stmt))
     return found

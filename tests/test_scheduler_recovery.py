@@ -26,7 +26,7 @@ from lmqueue.kombu_redis import (
 )
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Job, WorkerRecord, now
-from lmqueue.transitions import claim_jobs
+from lmqueue.transitions import claim_jobs, mark_held
 from scheduler.recovery import Reaper
 from tests.postgres import fresh_postgres_database
 
@@ -212,6 +212,7 @@ def test_unacked_messages_count_until_their_holder_is_gone(env: Settings) -> Non
     fresh = _new_jobs(1, enqueued_ago=100)  # taken a moment ago: its worker will claim it
     running = _new_jobs(1, enqueued_ago=100)  # taken long ago, running under a live lease
     orphan = _new_jobs(1, enqueued_ago=100)  # taken long ago, never claimed: holder died
+    held = _new_jobs(1, enqueued_ago=100)  # taken long ago, waiting for a slot in a live worker
     _worker("alive/1", heartbeat_ago=0)
     with session_scope() as s:
         claim_jobs(s, running, "alive/1", 600)
@@ -219,16 +220,20 @@ def test_unacked_messages_count_until_their_holder_is_gone(env: Settings) -> Non
         _fake_unacked(r, queue, fresh, taken_ago=0),
         _fake_unacked(r, queue, running, taken_ago=100),
         _fake_unacked(r, queue, orphan, taken_ago=100),
+        _fake_unacked(r, queue, held, taken_ago=100),
     ]
+    with session_scope() as s:  # what the holder's task and heartbeat do
+        mark_held(s, held, now())
     try:
-        assert reserved_counts(r, [queue]) == {queue: 3}
+        assert reserved_counts(r, [queue]) == {queue: 4}
         sent: list[tuple[str, list[str], int]] = []
         counts = _reaper(sent).run_once(now())
         assert counts["lost_message"] == 1
         assert [batch for _m, batch, _p in sent] == [orphan]
         assert r.hexists(UNACKED_KEY, tags[0]) and r.hexists(UNACKED_KEY, tags[1])
         assert not r.hexists(UNACKED_KEY, tags[2]), "the dead holder's entry is dropped"
-        assert reserved_counts(r, [queue]) == {queue: 2}
+        assert r.hexists(UNACKED_KEY, tags[3]), "a held, unclaimed job is not a lost message"
+        assert reserved_counts(r, [queue]) == {queue: 3}
     finally:
         for tag in tags:
             r.hdel(UNACKED_KEY, tag)

@@ -34,13 +34,16 @@ E2E_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
-# --- micro-batches and tokens -----------------------------------------------------------------
+# --- loop steps and tokens --------------------------------------------------------------------
 BATCH_SIZE = Histogram(
-    "lmqueue_batch_size", "Rows per generate call (micro-batch)", ["model"], buckets=_BATCH_BUCKETS
+    "lmqueue_batch_size",
+    "Live rows per decode step of the slot loop",
+    ["model"],
+    buckets=_BATCH_BUCKETS,
 )
 BATCH_DURATION = Histogram(
     "lmqueue_batch_duration_seconds",
-    "Wall time of one generate call",
+    "Wall time of one loop step (admission, prefill, decode)",
     ["model"],
     buckets=_STEP_BUCKETS,
 )
@@ -48,7 +51,7 @@ PROMPT_TOKENS = Counter("lmqueue_prompt_tokens", "Prompt (prefill) tokens proces
 GENERATION_TOKENS = Counter("lmqueue_generation_tokens", "Tokens generated", ["model"])
 GENERATION_THROUGHPUT = Gauge(
     "lmqueue_generation_tokens_per_second",
-    "Generated tokens per second of the last micro-batch",
+    "Generated tokens per second of the last decode step",
     ["model"],
 )
 # The engine increments these when it reuses a computed prompt prefix (KV cache).

@@ -21,7 +21,7 @@ from lmqueue.jobs import jobs_to_drop
 from lmqueue.registry import ModelSpec, get_model, get_registry
 from lmqueue.settings import Settings, get_settings
 from lmqueue.tables import Job, WorkerRecord, now
-from lmqueue.transitions import renew_leases
+from lmqueue.transitions import mark_held, renew_leases
 from worker.backends.base import Backend
 from worker.backends.embed import EmbedBackend
 from worker.embedding import EmbedEngine
@@ -112,6 +112,7 @@ class WorkerRuntime:
             try:
                 with session_scope() as session:
                     renew_leases(session, self.loop.running_ids(), self.hostname, settings.lease_s)
+                    mark_held(session, self.loop.waiting_ids(), time.time())
                     _upsert_worker(session, self, status="up")
             except Exception:  # a missed beat is retried next time; leases outlive several
                 log.exception("heartbeat failed")

@@ -8,6 +8,7 @@ acked (acks_late) once every job it kept is stored, failed or skipped.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -16,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from lmqueue.contract import TASK_PROCESS_JOBS, ProcessJobs
 from lmqueue.db import session_scope
 from lmqueue.jobs import offered_jobs
+from lmqueue.transitions import mark_held
 from worker.celery_app import app
 from worker.runtime import get_runtime
 
@@ -37,6 +39,7 @@ def process_jobs(self: Any, job_ids: list[str]) -> dict[str, int]:
     runtime = get_runtime()
     with session_scope() as session:
         items = [runtime.waiting_item(job) for job in offered_jobs(session, payload.job_ids)]
+        mark_held(session, [w.job_id for w in items], time.time())
     taken, overflow = runtime.loop.offer(items)
     if overflow:
         _resend(self, [w.job_id for w in overflow])
