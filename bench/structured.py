@@ -97,9 +97,9 @@ def main() -> None:
     print(f"load average (uptime): {os.getloadavg()}, device {engine.device}")
     print("| output | tokens | seconds | tokens/s | vs free |")
     print("| --- | --- | --- | --- | --- |")
-    for name, (tokens, seconds) in totals.items():
-        rate = tokens / seconds
-        print(f"| {name} | {tokens:.0f} | {seconds:.2f} | {rate:.1f} | {rate / free:.2f} |")
+    for name, (n_tokens, secs) in totals.items():
+        rate = n_tokens / secs
+        print(f"| {name} | {n_tokens:.0f} | {secs:.2f} | {rate:.1f} | {rate / free:.2f} |")
 
 
 if __name__ == "__main__":
