@@ -49,6 +49,7 @@ def test_submit_poll_returns_correct_text_and_usage(stack: Stack, tiny_model_dir
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},  # issue 13: prefix reuse is reported
     }
 
 

@@ -31,6 +31,7 @@ def gen_request(encoder: Encoder, endpoint: str, body: dict[str, Any]) -> GenReq
         reply = typed.model_dump(
             include={"instructions", "max_output_tokens", "temperature", "top_p", "text"},
             by_alias=True,
+            exclude_none=True,
         )
         typed = typed.to_chat()
     if not isinstance(typed, CompletionBody | ChatBody):
