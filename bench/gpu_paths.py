@@ -36,7 +36,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
 # (hidden, layers, heads, kv heads, MLP, vocab): ~1.0B parameters, and a 0.3M rehearsal model
 DIMS = {"1b": (2048, 22, 16, 4, 5632, 8000), "tiny": (64, 2, 4, 2, 128, 2000)}
-PATHS = ("build", "fp16", "bf16", "bnb-int8", "bnb-nf4", "oom", "tune")
+PATHS = ("build", "fp16", "hf-paged", "bf16", "bnb-int8", "bnb-nf4", "oom", "tune")
 
 
 class Rows:
@@ -105,11 +105,19 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_rows(engine: Engine, rows: int, prompt: int, new: int) -> dict[str, Any]:
-    """`rows` concurrent requests through the slot loop: every row admitted at step 1."""
+def run_rows(
+    engine: Engine, rows: int, prompt: int, new: int, backend: str = "lmqueue"
+) -> dict[str, Any]:
+    """`rows` concurrent requests through one engine backend (the slot loop, or transformers'
+    paged continuous batching): every row admitted at step 1."""
     g = torch.Generator().manual_seed(rows)
     vocab = min(len(engine.tokenizer), engine.n_embeddings)
-    loop = engine.slots(rows, prefill_budget=rows * prompt)
+    if backend == "hf-paged":
+        from worker.backends.hf_paged import HFPagedBackend
+
+        loop: Any = HFPagedBackend(engine, rows, prefill_budget=rows * prompt)
+    else:
+        loop = engine.slots(rows, prefill_budget=rows * prompt)
     for i in range(rows):
         ids = torch.randint(3, vocab, (prompt,), generator=g).tolist()
         err = loop.admit(str(i), GenRequest(ids, new, temperature=0))
@@ -125,6 +133,8 @@ def run_rows(engine: Engine, rows: int, prompt: int, new: int) -> dict[str, Any]
         _sync()
         steps.append(time.perf_counter() - t)
     total = time.perf_counter() - t0
+    if hasattr(loop, "close"):
+        loop.close()
     bad = [r for _, r in finished if not (isinstance(r, GenResult) and r.completion_tokens == new)]
     if len(finished) != rows or bad:
         raise AssertionError(f"{len(finished)}/{rows} rows finished; first bad: {bad[:1]}")
@@ -138,12 +148,15 @@ def run_rows(engine: Engine, rows: int, prompt: int, new: int) -> dict[str, Any]
     }
 
 
-def generation(out: Rows, model_dir: Path, quantization: str, dtype: str, args: Any) -> None:
+def generation(
+    out: Rows, model_dir: Path, quantization: str, dtype: str, args: Any, backend: str = "lmqueue"
+) -> None:
     engine, load_s = load(model_dir, out.path, quantization, dtype)
     engine.generate([GenRequest([5, 6, 7], 2, temperature=0)])  # warm-up (kernels, allocator)
     for rows in args.rows:
         try:
-            out.add("ok", load_s=round(load_s, 1), **run_rows(engine, rows, args.prompt, args.new))
+            res = run_rows(engine, rows, args.prompt, args.new, backend)
+            out.add("ok", load_s=round(load_s, 1), **res)
         except Exception as exc:  # the next row count may still run
             out.add("failed", f"{type(exc).__name__}: {exc}"[:300], rows=rows)
             if CUDA:
@@ -240,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         note = build(args.model, args.tiny)
         out.add("ok", note, load_s=round(time.perf_counter() - t0, 1))
+    elif args.path == "hf-paged":
+        generation(out, args.model, "none", "float16" if CUDA else "auto", args, "hf-paged")
     elif args.path in ("fp16", "bf16"):
         dtype = {"fp16": "float16", "bf16": "bfloat16"}[args.path]
         generation(out, args.model, "none", dtype, args)
