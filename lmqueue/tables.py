@@ -165,6 +165,9 @@ class Batch(Base):
     # output_expires_after.seconds: the output and error files expire this long after they are
     # created (None: the retention setting) (0006).
     output_expires_after_s: Mapped[int | None] = mapped_column(Integer)
+    # The queue namespace (settings.queue_prefix) of the API that accepted it: the dispatcher
+    # sends its lines there only, so stacks that share a store never take each other's lines.
+    queue_prefix: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiKey(Base):

@@ -88,6 +88,7 @@ def new_batch(
         metadata_=check_metadata(metadata),
         created_at=t,
         expires_at=t + window_s,
+        queue_prefix=settings.queue_prefix,
     )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, and_, case, func, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from lmqueue.admission import drain_rate
@@ -80,6 +80,8 @@ def tenants(session: Session, settings: Settings) -> dict[str, dict[str, Tenant]
     is_held = case((Job.enqueued_at.is_(None) & (Job.status == JobStatus.QUEUED), 1), else_=0)
     rows = session.execute(
         select(Job.model, Job.owner, is_held, func.count())
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(ours(settings))
         .where(Job.batch_id.is_not(None), Job.status.in_(JobStatus.OPEN), Job.cache_of.is_(None))
         .group_by(Job.model, Job.owner, is_held)
     ).all()
@@ -102,12 +104,17 @@ def key_weights(session: Session, owners: set[str], settings: Settings) -> dict[
     return {o: float(found.get(o) or settings.key_default_weight) for o in owners}
 
 
-def pick(session: Session, model: str, owner: str, n: int) -> list[str]:
+def ours(settings: Settings) -> ColumnElement[bool]:
+    """Batches accepted in this queue namespace (older rows without one count as ours)."""
+    return or_(Batch.queue_prefix == settings.queue_prefix, Batch.queue_prefix.is_(None))
+
+
+def pick(session: Session, model: str, owner: str, n: int, settings: Settings) -> list[str]:
     """The next `n` held lines of a key: earliest batch deadline first, then input order."""
     stmt = (
         select(Job.id)
         .join(Batch, Batch.id == Job.batch_id)
-        .where(held(), Job.model == model, Job.owner == owner)
+        .where(held(), ours(settings), Job.model == model, Job.owner == owner)
         .order_by(Batch.expires_at, Job.id)
         .limit(n)
     )
@@ -135,7 +142,7 @@ def plan(session: Session, settings: Settings) -> dict[str, list[str]]:
     chosen: dict[str, list[str]] = {}
     for model, by_owner in tenants(session, settings).items():
         grants = allocate(window(session, settings, model), by_owner)
-        ids = [i for owner, n in grants.items() for i in pick(session, model, owner, n)]
+        ids = [i for owner, n in grants.items() for i in pick(session, model, owner, n, settings)]
         if ids:
             chosen[model] = stamp(session, ids, t)
     return {m: ids for m, ids in chosen.items() if ids}

@@ -23,6 +23,8 @@ KEY_COLUMNS = (
 def upgrade() -> None:
     op.add_column("jobs", sa.Column("cost_tokens", sa.Integer(), nullable=True))
     op.add_column("batches", sa.Column("output_expires_after_s", sa.Integer(), nullable=True))
+    # The queue namespace of the API that accepted the batch: its lines are dispatched there.
+    op.add_column("batches", sa.Column("queue_prefix", sa.String(100), nullable=True))
     for name, type_ in KEY_COLUMNS:
         op.add_column("api_keys", sa.Column(name, type_, nullable=True))
     op.create_index("ix_jobs_finished_at", "jobs", ["finished_at"])
@@ -36,6 +38,7 @@ def downgrade() -> None:
         for name, _ in reversed(KEY_COLUMNS):
             batch.drop_column(name)
     with op.batch_alter_table("batches") as batch:
+        batch.drop_column("queue_prefix")
         batch.drop_column("output_expires_after_s")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("cost_tokens")
