@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from api.admission import admit, admitted
 from api.errors import APIError
@@ -101,6 +102,7 @@ def submit(
     except BROKER_ERRORS:
         return job, created, DEFERRED_NOTICE
     _mark_sent(session, job.id, task_id)
+    set_committed_value(job, "task_id", task_id)  # the answer shows it; the row already has it
     return job, created, None
 
 

@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy.orm import Session
 
@@ -40,9 +39,13 @@ def limits_stack(
         LMQUEUE_ADMISSION_CACHE_S="0.5",
         LMQUEUE_MAX_REQUEST_BYTES=str(MAX_BODY),
         LMQUEUE_MAX_JOB_TIMEOUT_S="100",
+        LMQUEUE_METRICS_KEY=METRICS_KEY,
     )
     with running(st):
         yield st
+
+
+METRICS_KEY = "scrape-secret-for-admission-tests"
 
 
 def _job(prompt: str, model: str = "idle", **extra: object) -> dict[str, object]:
@@ -156,7 +159,8 @@ def test_oversized_bodies_get_413_with_and_without_content_length(limits_stack: 
 
 
 def test_429_is_counted_in_metrics(limits_stack: Stack) -> None:
-    text = httpx.get(f"{limits_stack.base_url}/metrics").text
+    with as_key(limits_stack, METRICS_KEY) as prometheus:  # /metrics is behind a key
+        text = prometheus.get("/metrics").text
     assert 'lmqueue_admission_rejections_total{limit="key"}' in text
     assert 'lmqueue_admission_rejections_total{limit="model"}' in text
 

@@ -237,7 +237,11 @@ def _move_into_place(tmp: Path, out_dir: Path, size: Size) -> None:
             if _is_built(out_dir, size):
                 return  # another process won the race with an identical build
             # Another demo build (other size or recipe) is in the way: move it aside, retry.
-            _check_replaceable(out_dir)
+            try:
+                _check_replaceable(out_dir)
+            except FileNotFoundError:
+                continue  # a concurrent build moved it aside while we looked
+
             trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(out_dir, trash)
