@@ -80,6 +80,9 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
     enqueued_at: Mapped[float | None] = mapped_column(Float)
+    # When a worker last said it holds the job's message on its waiting list, unclaimed
+    # (transitions.mark_held): the message is not lost although it is old.
+    held_at: Mapped[float | None] = mapped_column(Float)
     # The Celery task (message) that last carried the job: find it in Flower, and back.
     task_id: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[float | None] = mapped_column(Float)

@@ -7,7 +7,7 @@
     queued | running -> failed       time_out (past deadline_at: the reaper, or the worker)
     running -> queued | failed       recover_abandoned (its worker is gone: re-send, or give up)
     queued, stamped enqueued_at      mark_enqueued, mark_resent (who sends its message),
-                                     mark_held (a worker holds its message, not yet claimed)
+                                     mark_held (held_at: a worker holds it, not yet claimed)
     queued -> succeeded              answer_from_cache (a result-cache hit, no worker)
     queued -> succeeded | failed     resolve_followers (a batch line copies the outcome of the
                                      identical line or cached job it waits for: cache_of)
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from lmqueue.errors import cancelled_error, crashed_error, timeout_error
@@ -272,15 +272,23 @@ def record_task(session: Session, job_ids: Sequence[str], task_id: str) -> None:
 
 def mark_held(session: Session, job_ids: Sequence[str], t: float) -> None:
     """A worker holds these jobs' message on its waiting list (still queued, not claimed):
-    stamping enqueued_at tells the reaper the message is not lost, so it neither re-sends the
-    jobs nor drops the worker's unacked entry while they wait for a slot."""
+    stamping held_at tells the reaper the message is not lost, so it neither re-sends the jobs
+    nor drops the worker's unacked entry while they wait for a slot. (enqueued_at keeps saying
+    when the message was sent.)"""
     for chunk in in_chunks(job_ids):
         session.execute(
             update(Job)
             .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED)
-            .values(enqueued_at=t)
+            .values(held_at=t)
             .execution_options(synchronize_session=False)
         )
+
+
+def last_seen() -> ColumnElement[float]:
+    """When the job's message was last known to exist: sent (enqueued_at), held by a worker
+    (held_at), or the job created (never sent)."""
+    sent = func.coalesce(Job.enqueued_at, Job.created_at)
+    return case((Job.held_at > sent, Job.held_at), else_=sent)
 
 
 def mark_resent(
@@ -288,7 +296,7 @@ def mark_resent(
 ) -> list[tuple[str, int]]:
     """Claim the right to re-send: only jobs still queued and last sent before `cutoff` are
     stamped `t`. Returns [(id, priority)] of those the caller must send again."""
-    sent_at = func.coalesce(Job.enqueued_at, Job.created_at)
+    sent_at = last_seen()
     out: list[tuple[str, int]] = []
     for chunk in in_chunks(ids):
         result = session.execute(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from lmqueue.batches.ingest import resume_interrupted_ingests
@@ -42,6 +42,7 @@ from lmqueue.settings import Settings
 from lmqueue.tables import Job, JobStatus
 from lmqueue.transitions import (
     in_chunks,
+    last_seen,
     mark_resent,
     record_task,
     recover_abandoned,
@@ -59,11 +60,10 @@ def stale_queued(session: Session, model: str, cutoff: float) -> set[str]:
     """Queued jobs of `model` last sent before `cutoff` (a single job never sent: created
     before it). Batch lines the dispatcher still holds back (no enqueued_at) have no message on
     purpose: they are not lost, and re-sending them would defeat the fair share."""
-    sent_at = func.coalesce(Job.enqueued_at, Job.created_at)
     stmt = select(Job.id).where(
         Job.model == model,
         Job.status == JobStatus.QUEUED,
-        sent_at < cutoff,
+        last_seen() < cutoff,
         Job.cache_of.is_(None),  # a batch line waiting for an identical one has no message
         # Batch lines held by the dispatcher have no message yet (lmqueue.batches.dispatch).
         or_(Job.batch_id.is_(None), Job.enqueued_at.is_not(None)),
@@ -81,7 +81,7 @@ def in_hand(session: Session, ids: Sequence[str], cutoff: float) -> set[str]:
             Job.id.in_(chunk),
             or_(
                 Job.status == JobStatus.RUNNING,
-                and_(Job.status == JobStatus.QUEUED, Job.enqueued_at >= cutoff),
+                and_(Job.status == JobStatus.QUEUED, Job.held_at >= cutoff),
                 Job.finished_at >= cutoff,
             ),
         )
