@@ -235,10 +235,20 @@ class Stack:
                 rows if len(rows) == len(ids) and all(j.status in TERMINAL for j in rows) else None
             )
 
-        return wait_until(done, timeout_s, f"{len(ids)} jobs to finish", every_s=0.25)  # type: ignore[no-any-return]
+        try:
+            return wait_until(done, timeout_s, f"{len(ids)} jobs to finish", every_s=0.25)  # type: ignore[no-any-return]
+        except TimeoutError as e:
+            # A timeout in CI must tell its story: where each job stopped, and what the
+            # processes said meanwhile.
+            seen = {j.id: (j.status, j.task_id, j.enqueued_at, j.held_at) for j in self.jobs(ids)}
+            raise TimeoutError(f"{e}\njobs: {seen}\n{self.all_logs()}") from None
 
     def worker_logs(self) -> str:
         return "\n\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
+
+    def all_logs(self) -> str:
+        procs = [*self.workers, *self.schedulers]
+        return "\n\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
 
 
 @contextmanager

@@ -29,9 +29,11 @@ FAST_RECOVERY = {
 BODY = {"prompt": "hello", "max_tokens": 2, "temperature": 0}
 
 
-def _submit(client: httpx.Client, i: int) -> httpx.Response:
-    job = {"model": "tiny", "endpoint": "/v1/completions", "body": {**BODY, "prompt": f"p{i}"}}
-    return client.post("/v1/jobs", json=job)
+def _submit(client: httpx.Client, i: int, max_tokens: int = 2) -> httpx.Response:
+    body = {**BODY, "prompt": f"p{i}", "max_tokens": max_tokens}
+    return client.post(
+        "/v1/jobs", json={"model": "tiny", "endpoint": "/v1/completions", "body": body}
+    )
 
 
 def _count(stack: Stack, model: type) -> int:
@@ -64,7 +66,10 @@ def test_redis_down_submits_are_accepted_and_run_once(
         st.start_worker("tiny")
         st.start_scheduler()
         with st.client() as client:
-            before = [_submit(client, i) for i in range(2)]
+            # Long enough to be in flight (received, not acked) when Redis goes: celery 5.7.0's
+            # worker died of exactly that ("Unrecoverable error" while closing the lost
+            # connection), and nothing ran again.
+            before = [_submit(client, i, max_tokens=200) for i in range(2)]
             assert all(r.status_code == 202 and r.json()["task_id"] for r in before)
 
             own_redis.stop()
@@ -77,6 +82,7 @@ def test_redis_down_submits_are_accepted_and_run_once(
             ids = [r.json()["id"] for r in before + during]
             jobs = st.wait_jobs_done(ids, timeout_s=180)
         assert [j.status for j in jobs] == ["succeeded"] * len(ids), st.worker_logs()
+        assert all(w.alive() for w in st.workers), st.worker_logs()  # it rode out the outage
         assert _count(st, Job) == len(ids)  # one job per accepted request, none twice
         assert all(j.task_id for j in jobs)  # recovery's message is recorded on the job
     finally:
