@@ -33,11 +33,11 @@ def workload(engine: Engine, prompts: list[list[int]], seed: int = 0) -> list[Ge
 
 
 def run_slots(
-    engine: Engine, reqs: list[GenRequest], slots: int, budget: int
+    engine: Engine, reqs: list[GenRequest], slots: int, budget: int, admit_batch: int = 0
 ) -> tuple[list[GenResult], float, dict[int, list[float]]]:
     """(i): everything waiting at once, admitted as slots free; returns results, wall time and
     the decode-only step times by live rows."""
-    loop = engine.slots(slots, budget)
+    loop = engine.slots(slots, budget, admit_batch)
     for i, req in enumerate(reqs):
         assert loop.admit(str(i), req) is None
     results: dict[int, GenResult] = {}
@@ -141,10 +141,10 @@ def step_table(steps: dict[int, list[float]], row: Row) -> None:
 
 
 def part_continuous(engine: Engine, prompts: list[list[int]], args: Any, row: Row) -> None:
-    slots, budget = args.slots, args.prefill_budget
+    slots, budget, group = args.slots, args.prefill_budget, args.admit_batch
     reqs = workload(engine, prompts)
     run_slots(engine, reqs[:4], slots, budget)  # warm-up
-    ours, t_i, steps = run_slots(engine, reqs, slots, budget)
+    ours, t_i, steps = run_slots(engine, reqs, slots, budget, group)
     static, t_ii = run_static(engine, reqs, slots)
     n_tokens = sum(r.completion_tokens for r in ours)
     same = sum(a.token_ids == b.token_ids for a, b in zip(ours, static, strict=True))
@@ -166,7 +166,7 @@ def part_continuous(engine: Engine, prompts: list[list[int]], args: Any, row: Ro
 
     sub = reqs[: args.cb_prompts]
     tok_iii, t_iii = run_hf_continuous(engine, sub)
-    _, t_sub, _ = run_slots(engine, sub, slots, budget)
+    _, t_sub, _ = run_slots(engine, sub, slots, budget, group)
     tok_sub = sum(r.completion_tokens for r in ours[: len(sub)])
     rate_iii, rate_sub = tok_iii / t_iii, tok_sub / t_sub
     print(

@@ -280,6 +280,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--slots", type=int, default=Settings().max_batch_size)
     parser.add_argument("--prefill-budget", type=int, default=Settings().prefill_budget)
+    parser.add_argument(
+        "--admit-batch", type=int, default=Settings().admit_batch, help="0 = slots // 4"
+    )
     parser.add_argument("--cb-prompts", type=int, default=64, help="requests for (iii)")
     parser.add_argument("--pipeline-batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--sweep", type=int, default=32, help="requests to pick the pipeline's N")

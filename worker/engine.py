@@ -130,14 +130,14 @@ class Engine(PromptEncoder):
             self._grammars = Grammars(self.tokenizer, self.n_embeddings, self.eos_ids)
         return self._grammars.compile(key)
 
-    def slots(self, slots: int, prefill_budget: int) -> SlotEngine:
+    def slots(self, slots: int, prefill_budget: int, admit_batch: int = 0) -> SlotEngine:
         """A continuous-batching loop over this model (one per worker process)."""
         if not self.kv_buffers:
             raise RuntimeError(
                 f"model {self.name!r} has cache layers other than full attention (sliding window, "
                 'linear attention); the slot loop needs plain layers: use engine = "hf-paged"'
             )
-        return SlotEngine(self, slots, prefill_budget)
+        return SlotEngine(self, slots, prefill_budget, admit_batch)
 
     def generate(self, requests: list[GenRequest]) -> list[Outcome]:
         """The static policy: all requests admitted at once, run until the last finishes.

@@ -207,6 +207,11 @@ class WorkerLoop:
             room = self.backend.capacity() - self._storing
             if room <= 0 or not self._waiting:
                 return
+            # Claim in groups while rows decode (SlotEngine.admit_batch): the group is
+            # prefilled in one forward.
+            group = min(getattr(self.backend, "admit_batch", 1), len(self._waiting))
+            if room < group and not self.backend.idle():
+                return
             self._waiting.sort(key=lambda w: (-w.priority, w.seq))
             picked, self._waiting = self._waiting[:room], self._waiting[room:]
             self._cond.notify_all()

@@ -76,7 +76,7 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
         from worker.backends.hf_paged import HFPagedBackend
 
         return HFPagedBackend(engine, slots, spec.prefill_tokens(settings))
-    return engine.slots(slots, spec.prefill_tokens(settings))
+    return engine.slots(slots, spec.prefill_tokens(settings), settings.admit_batch)
 
 
 @dataclass

@@ -49,10 +49,11 @@ class StepOutput:
 
 
 class SlotEngine:
-    def __init__(self, engine: Engine, slots: int, prefill_budget: int):
+    def __init__(self, engine: Engine, slots: int, prefill_budget: int, admit_batch: int = 0):
         self.engine = engine
         self.slots = max(1, slots)
         self.prefill_budget = max(1, prefill_budget)
+        self._admit_batch = admit_batch  # 0 = slots // 4 (Settings.admit_batch)
         self.cache = SlotCache(engine.model.config, self.slots)
         self.live: list[Row] = []  # row i <-> slot-cache row i
         self.waiting: deque[Row] = deque()  # admitted, not yet prefilled
@@ -75,6 +76,12 @@ class SlotEngine:
 
     def prepare(self, endpoint: str, body: dict[str, Any]) -> GenRequest:
         return gen_request(self.engine, endpoint, body)
+
+    @property
+    def admit_batch(self) -> int:
+        """Free slots that make an admission worth its prefill forward while rows decode
+        (at most the slot count, which out-of-memory handling may have lowered)."""
+        return max(1, min(self._admit_batch or self.slots // 4, self.slots))
 
     def capacity(self) -> int:
         """Requests this engine can take now without exceeding its slots."""
@@ -147,6 +154,8 @@ class SlotEngine:
             budget = 0
         take: list[Row] = []
         free = self.cache.free - len(ready)
+        if self.live and free < min(self.admit_batch, len(self.waiting)):
+            budget = 0  # a few more rows must finish first: one prefill for several rows
         while self.waiting and len(take) < free and budget > 0:
             n = len(self.waiting[0].req.prompt_ids)
             if n > budget:
