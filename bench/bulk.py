@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 from bench.common import bench_stack, now, upload, wait_batch, write_input
 
@@ -52,7 +53,7 @@ def raw_redis_loop(redis_url: str, n: int) -> float:
     for i in range(n):
         body = {"model": "null", "prompt": f"request {i}: say something", "max_tokens": 1}
         r.lpush(key, json.dumps({"custom_id": f"req-{i}", "body": body}))
-    while r.hlen(f"{key}:results") < n:
+    while cast(int, r.hlen(f"{key}:results")) < n:  # a sync client
         time.sleep(0.01)
     elapsed = now() - t0
     consumer.join()

@@ -13,7 +13,7 @@ import base64
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -66,7 +66,7 @@ def queued_job_ids(
     for key in redis_queue_keys(queue, prefix):
         start = 0
         while True:
-            chunk = client.lrange(key, start, start + page - 1)
+            chunk = cast(list[bytes], client.lrange(key, start, start + page - 1))  # sync client
             for raw in chunk:
                 ids.update(job_ids_of(raw))
             if len(chunk) < page:
