@@ -125,3 +125,20 @@ def prune(session: Session, settings: Settings, t: float) -> int:
         )
         left += len(ids)
     return left
+
+
+def served_from_cache(result: Any) -> Any:
+    """A stored answer as a cache hit returns it: its whole prompt counts as cached
+    (`usage.prompt_tokens_details.cached_tokens`, or `input_tokens_details` in the Responses
+    shape), as OpenAI reports prompt tokens it did not compute. Embeddings have no such field."""
+    if not isinstance(result, dict) or not isinstance(result.get("usage"), dict):
+        return result
+    usage = dict(result["usage"])
+    for total, details in (
+        ("prompt_tokens", "prompt_tokens_details"),
+        ("input_tokens", "input_tokens_details"),
+    ):
+        if total in usage and (details in usage or result.get("object") != "list"):
+            usage[details] = {**(usage.get(details) or {}), "cached_tokens": usage[total]}
+            break
+    return {**result, "usage": usage}

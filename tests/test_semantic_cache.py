@@ -104,7 +104,9 @@ def test_paraphrase_hits_negation_number_entity_miss_end_to_end(sem_stack: Stack
         assert hit["cached"] is True, hit
         assert hit["cache"]["kind"] == "semantic" and hit["cache"]["job_id"] == base["id"]
         assert hit["cache"]["similarity"] >= DEFAULT
-        assert hit["response"] == base["response"]
+        assert hit["response"]["choices"] == base["response"]["choices"]
+        usage = hit["response"]["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"]
         for prompt in (
             "Is it not safe to eat raw eggs?",
             "Is it safe to eat 12 raw eggs?",
