@@ -77,8 +77,9 @@ def main() -> None:
     tok = engine.tokenizer
     prompts = mixed_prompts(tok, args.requests)
     reqs = workload(engine, [tok(p).input_ids for p in prompts])
-    run_slots(engine, reqs[:4], slots, budget)  # warm-up
-    results, t_b, _ = run_slots(engine, reqs, slots, budget)
+    group = settings.admit_batch
+    run_slots(engine, reqs[:4], slots, budget, group)  # warm-up
+    results, t_b, _ = run_slots(engine, reqs, slots, budget, group)
     tokens_b = sum(r.completion_tokens for r in results)
     del engine
 

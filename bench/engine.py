@@ -281,7 +281,7 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=Settings().max_batch_size)
     parser.add_argument("--prefill-budget", type=int, default=Settings().prefill_budget)
     parser.add_argument(
-        "--admit-batch", type=int, default=Settings().admit_batch, help="0 = slots // 4"
+        "--admit-batch", type=int, default=Settings().admit_batch, help="0 = slots // 8"
     )
     parser.add_argument("--cb-prompts", type=int, default=64, help="requests for (iii)")
     parser.add_argument("--pipeline-batches", type=int, nargs="+", default=[8, 32])

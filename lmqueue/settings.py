@@ -51,8 +51,7 @@ class Settings(BaseSettings):
     # While rows decode, new rows join only when this many slots are free (or all that wait
     # fit): every admission costs a prefill forward whose fixed cost (reading the weights) does
     # not depend on its size, so admitting one row per step pays it at nearly every step.
-    # 0 = max_batch_size // 4 (at least 1): on the bench model, 1.47x the static policy against
-    # 1.28x admitting at every step (bench/RESULTS.md).
+    # 0 = max_batch_size // 8 (at least 1; bench/RESULTS.md has the figures behind it).
     admit_batch: int = Field(default=0, ge=0)
     worker_concurrency: int = Field(
         default=0, ge=0, description="messages a worker holds at once; 0 = 2 x max_batch_size"

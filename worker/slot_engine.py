@@ -53,7 +53,7 @@ class SlotEngine:
         self.engine = engine
         self.slots = max(1, slots)
         self.prefill_budget = max(1, prefill_budget)
-        self._admit_batch = admit_batch  # 0 = slots // 4 (Settings.admit_batch)
+        self._admit_batch = admit_batch  # 0 = slots // 8 (Settings.admit_batch)
         self.cache = SlotCache(engine.model.config, self.slots)
         self.live: list[Row] = []  # row i <-> slot-cache row i
         self.waiting: deque[Row] = deque()  # admitted, not yet prefilled
@@ -81,7 +81,7 @@ class SlotEngine:
     def admit_batch(self) -> int:
         """Free slots that make an admission worth its prefill forward while rows decode
         (at most the slot count, which out-of-memory handling may have lowered)."""
-        return max(1, min(self._admit_batch or self.slots // 4, self.slots))
+        return max(1, min(self._admit_batch or self.slots // 8, self.slots))
 
     def capacity(self) -> int:
         """Requests this engine can take now without exceeding its slots."""
