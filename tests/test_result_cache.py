@@ -128,8 +128,13 @@ def test_identical_batch_lines_are_computed_once(cache_stack: tuple[Stack, dict[
     done = wait_done(oa, batch.id)
     assert done.status == "completed" and done.request_counts.completed == 6, done
     out = {x["custom_id"]: x["response"]["body"] for x in content_lines(oa, done.output_file_id)}
-    assert len({json.dumps(out[f"dup{i}"]) for i in range(4)}) == 1
-    assert out["earlier"] == single["response"]
+    assert len({json.dumps(out[f"dup{i}"]["choices"]) for i in range(4)}) == 1
+    assert out["earlier"]["choices"] == single["response"]["choices"]
+    # Copies report their prompt as cached (not computed); the line that ran does not.
+    cached = {c: body["usage"]["prompt_tokens_details"]["cached_tokens"] for c, body in out.items()}
+    prompt = {c: body["usage"]["prompt_tokens"] for c, body in out.items()}
+    assert cached["dup0"] == cached["other"] == 0
+    assert all(cached[c] == prompt[c] > 0 for c in ("dup1", "dup2", "dup3", "earlier"))
     with Session(create_engine(st.database_url)) as session:
         jobs = {
             j.custom_id: j for j in session.scalars(select(Job).where(Job.batch_id == batch.id))

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
+from lmqueue.cache import served_from_cache
 from lmqueue.db import session_scope
 from lmqueue.errors import INVALID_REQUEST, SERVER_ERROR, line_error
 from lmqueue.tables import Job, JobStatus
@@ -35,7 +36,7 @@ CANCELLED_MESSAGE = {
     "batch_expired": "This request could not be executed before the completion window expired.",
 }
 
-_COLUMNS = (Job.id, Job.custom_id, Job.status, Job.result, Job.error)
+_COLUMNS = (Job.id, Job.custom_id, Job.status, Job.result, Job.error, Job.cache_hit)
 
 
 def output_line(
@@ -61,7 +62,9 @@ def output_line(
 
 
 def encode(row: Row[Any] | Sequence[Any]) -> bytes:
-    job_id, custom_id, status, result, error = tuple(row)
+    job_id, custom_id, status, result, error, cache_hit = tuple(row)
+    if cache_hit is not None:  # a copy of an identical line's answer: its prompt was not computed
+        result = served_from_cache(result)
     line = output_line(job_id, custom_id, status, result, error)
     return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
