@@ -29,6 +29,7 @@ from cli.procs import wait_until
 from cli.stack import Stack
 from lmqueue.registry import ModelSpec
 from lmqueue.settings import Settings
+from lmqueue.tables import JobStatus
 from worker.engine import Engine
 from worker.loading import load_engine
 
@@ -51,7 +52,7 @@ def live_rows(metrics_url: str) -> tuple[float, float]:
 
 
 def unfinished(stack: Stack, ids: list[str]) -> int:
-    return sum(j.status in ("queued", "running") for j in stack.jobs(ids))
+    return sum(j.status in JobStatus.OPEN for j in stack.jobs(ids))
 
 
 def submit_all(stack: Stack, bodies: list[dict[str, Any]], parallel: int = 16) -> list[str]:

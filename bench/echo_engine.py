@@ -28,6 +28,8 @@ class _ByteEncoder:
 class EchoBackend:
     """Tokens are the prompt's UTF-8 bytes; the completion is the first max_tokens of them."""
 
+    admit_batch = 1  # no prefill to share
+
     def __init__(self, name: str, slots: int = 1024):
         self.name, self.slots = name, slots
         self._held: dict[str, GenRequest] = {}

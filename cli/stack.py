@@ -244,11 +244,14 @@ class Stack:
             raise TimeoutError(f"{e}\njobs: {seen}\n{self.all_logs()}") from None
 
     def worker_logs(self) -> str:
-        return "\n\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
+        return _tails(self.workers)
 
     def all_logs(self) -> str:
-        procs = [*self.workers, *self.schedulers]
-        return "\n\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
+        return _tails([*self.workers, *self.schedulers])
+
+
+def _tails(procs: Iterable[Proc]) -> str:
+    return "\n\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
 
 
 @contextmanager

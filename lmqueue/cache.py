@@ -127,11 +127,15 @@ def prune(session: Session, settings: Settings, t: float) -> int:
     return left
 
 
-def served_from_cache(result: Any) -> Any:
-    """A stored answer as a cache hit returns it: its whole prompt counts as cached
-    (`usage.prompt_tokens_details.cached_tokens`, or `input_tokens_details` in the Responses
-    shape), as OpenAI reports prompt tokens it did not compute. Embeddings have no such field."""
-    if not isinstance(result, dict) or not isinstance(result.get("usage"), dict):
+def shown_result(result: Any, cache_hit: Any) -> Any:
+    """A job's answer as the API shows it. A job answered without computing its prompt (a
+    result-cache hit, or a batch line that copied an identical line: `cache_hit` is set)
+    counts its whole prompt as cached (`usage.prompt_tokens_details.cached_tokens`, or
+    `input_tokens_details` in the Responses shape), as OpenAI reports prompt tokens it did not
+    compute; the stored answer stays the computed one. Embeddings have no such field."""
+    if cache_hit is None or not isinstance(result, dict):
+        return result
+    if not isinstance(result.get("usage"), dict):
         return result
     usage = dict(result["usage"])
     for total, details in (

@@ -10,7 +10,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from lmqueue.cache import served_from_cache
+from lmqueue.cache import shown_result
 from lmqueue.tables import Job, JobStatus, new_id, now
 from lmqueue.transitions import lease_expired
 
@@ -166,8 +166,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "finished_at": int(job.finished_at) if job.finished_at else None,
         "attempts": job.attempts,
         "task_id": job.task_id,  # the Celery task in Flower that carries it (None before sent)
-        # A result-cache hit or a copy of an identical batch line: its prompt was not computed.
-        "response": job.result if job.cache_hit is None else served_from_cache(job.result),
+        "response": shown_result(job.result, job.cache_hit),
         "error": job.error,
     }
     out["cached"] = job.cache_hit is not None

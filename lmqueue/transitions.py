@@ -27,7 +27,6 @@ from typing import Any
 from sqlalchemy import ColumnElement, Table, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from lmqueue.cache import served_from_cache
 from lmqueue.errors import cancelled_error, crashed_error, timeout_error
 from lmqueue.fleet import dead_workers
 from lmqueue.settings import Settings
@@ -323,7 +322,7 @@ def answer_from_cache(session: Session, job: Job, source: Job, hit: dict[str, An
         .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
         .values(
             status=JobStatus.SUCCEEDED,
-            result=served_from_cache(source.result),
+            result=source.result,
             prompt_tokens=source.prompt_tokens,
             completion_tokens=source.completion_tokens,
             started_at=t,

@@ -65,6 +65,32 @@ def test_rows_joining_mid_run_match_alone(engine: Engine) -> None:
         assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason), i
 
 
+def test_rows_join_in_groups_while_others_decode(engine: Engine) -> None:
+    """admit_batch 3: with rows live, a prefill takes at least 3 waiting rows (or all that
+    wait), never one per freed slot; outputs stay those of each request alone."""
+    reqs = [GenRequest(ids(engine, t), 2 + 2 * i, temperature=0) for i, t in enumerate(TEXTS)]
+    reqs += [GenRequest(ids(engine, t), 3 + i, temperature=0) for i, t in enumerate(TEXTS)]
+    loop = engine.slots(slots=4, prefill_budget=4096, admit_batch=3)
+    assert loop.admit_batch == 3
+    for i, req in enumerate(reqs):
+        assert loop.admit(str(i), req) is None
+    results: dict[str, Outcome] = {}
+    joined_while_live = []
+    while not loop.idle():
+        live_before, waiting_before = len(loop.live), len(loop.waiting)
+        out = loop.step()
+        joined = waiting_before - len(loop.waiting)
+        if live_before and joined:
+            joined_while_live.append((joined, waiting_before))
+        results.update(out.finished)
+    assert joined_while_live, "no row joined a running batch"
+    assert all(n >= min(3, waiting) for n, waiting in joined_while_live), joined_while_live
+    for i, req in enumerate(reqs):
+        got = results[str(i)]
+        assert isinstance(got, GenResult), got
+        assert got.token_ids == alone(engine, req).token_ids, i
+
+
 def test_long_prompt_is_prefilled_in_chunks(engine: Engine) -> None:
     long = GenRequest(ids(engine, "def f(a):\n    return a\n" * 8), 6, temperature=0)
     short = GenRequest(ids(engine, "x = 1"), 12, temperature=0)

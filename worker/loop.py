@@ -209,7 +209,7 @@ class WorkerLoop:
                 return
             # Claim in groups while rows decode (SlotEngine.admit_batch): the group is
             # prefilled in one forward.
-            group = min(getattr(self.backend, "admit_batch", 1), len(self._waiting))
+            group = min(self.backend.admit_batch, len(self._waiting))
             if room < group and not self.backend.idle():
                 return
             self._waiting.sort(key=lambda w: (-w.priority, w.seq))

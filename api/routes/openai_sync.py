@@ -29,6 +29,7 @@ from api.openapi import errors
 from api.submit import submit, validated
 from lmqueue import jobs as q
 from lmqueue import transitions
+from lmqueue.cache import shown_result
 from lmqueue.db import session_scope
 from lmqueue.metrics import JOBS_FINISHED
 from lmqueue.schemas import CHAT, COMPLETIONS, EMBEDDINGS
@@ -112,7 +113,7 @@ async def _cancel_shielded(owner: str, job_id: str) -> None:
 
 def _answer(job: Job) -> JSONResponse:
     if job.status == JobStatus.SUCCEEDED and job.result is not None:
-        return JSONResponse(job.result)
+        return JSONResponse(shown_result(job.result, job.cache_hit))
     err = dict(job.error or {})
     status = int(err.pop("status_code", 0) or (409 if job.status == JobStatus.CANCELLED else 500))
     return JSONResponse({"error": err}, status_code=status)

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
-from lmqueue.cache import served_from_cache
+from lmqueue.cache import shown_result
 from lmqueue.db import session_scope
 from lmqueue.errors import INVALID_REQUEST, SERVER_ERROR, line_error
 from lmqueue.tables import Job, JobStatus
@@ -63,9 +63,7 @@ def output_line(
 
 def encode(row: Row[Any] | Sequence[Any]) -> bytes:
     job_id, custom_id, status, result, error, cache_hit = tuple(row)
-    if cache_hit is not None:  # a copy of an identical line's answer: its prompt was not computed
-        result = served_from_cache(result)
-    line = output_line(job_id, custom_id, status, result, error)
+    line = output_line(job_id, custom_id, status, shown_result(result, cache_hit), error)
     return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 

@@ -26,6 +26,11 @@ class Backend(Protocol):
 
     def capacity(self) -> int: ...
 
+    @property
+    def admit_batch(self) -> int:
+        """While it computes, the backend takes new requests only in groups this large (or
+        all that wait): the loop claims them in the same groups."""
+
     def admit(self, key: str, request: Any) -> RequestError | None: ...
 
     def step(self) -> StepOutput: ...

@@ -21,6 +21,8 @@ class EmbedBackend:
     def prepare(self, endpoint: str, body: dict[str, Any]) -> EmbedRequest:
         return self.engine.request(endpoint, body)
 
+    admit_batch = 1  # one encoder call per step: nothing to gain from waiting
+
     def capacity(self) -> int:
         return self.max_rows - len(self._held)
 

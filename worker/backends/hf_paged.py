@@ -47,6 +47,8 @@ CPU_TOKENS_PER_ROW = 2048
 
 
 class HFPagedBackend:
+    admit_batch = 1  # the manager schedules its own prefills
+
     def __init__(self, engine: Engine, slots: int, prefill_budget: int = 1024):
         self.engine = engine
         self.slots = max(1, slots)
