@@ -29,7 +29,6 @@ from cli.procs import wait_until
 from cli.stack import Stack
 from lmqueue.registry import ModelSpec
 from lmqueue.settings import Settings
-from lmqueue.tables import JobStatus
 from worker.engine import Engine
 from worker.loading import load_engine
 
@@ -40,19 +39,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def live_rows(metrics_url: str) -> tuple[float, float]:
-    """(sum, count) of the worker's live-rows-per-step histogram."""
+def histogram(metrics_url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of one of the worker's histograms."""
     text = httpx.get(metrics_url, timeout=5).text
     got = {"sum": 0.0, "count": 0.0}
     for line in text.splitlines():
         for k in got:
-            if line.startswith(f"lmqueue_batch_size_{k}{{"):
+            if line.startswith(f"{name}_{k}{{"):
                 got[k] += float(line.rsplit(" ", 1)[1])
     return got["sum"], got["count"]
 
 
-def unfinished(stack: Stack, ids: list[str]) -> int:
-    return sum(j.status in JobStatus.OPEN for j in stack.jobs(ids))
+def live_rows(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the worker's live-rows-per-decode-step histogram."""
+    return histogram(metrics_url, "lmqueue_batch_size")
 
 
 def submit_all(stack: Stack, bodies: list[dict[str, Any]], parallel: int = 16) -> list[str]:
@@ -80,7 +80,7 @@ def main() -> None:
     reqs = workload(engine, [tok(p).input_ids for p in prompts])
     group = settings.admit_batch
     run_slots(engine, reqs[:4], slots, budget, group)  # warm-up
-    results, t_b, _ = run_slots(engine, reqs, slots, budget, group)
+    results, t_b, decode_b = run_slots(engine, reqs, slots, budget, group)
     tokens_b = sum(r.completion_tokens for r in results)
     del engine
 
@@ -89,23 +89,28 @@ def main() -> None:
     bodies = [{"prompt": p, "max_tokens": r.max_tokens} for p, r in zip(prompts, reqs, strict=True)]
     with bench_stack({"bench": str(model_dir)}) as stack:
         stack.start_api()
-        stack.start_worker("bench", env=env)
+        # As `lmqueue worker` runs it: 2 x slots task threads, so jobs wait in the worker while
+        # the slots run and a freed slot never waits on the broker.
+        stack.start_worker("bench", concurrency=settings.effective_concurrency(), env=env)
         metrics = f"http://127.0.0.1:{port}/metrics"
         stack.wait_jobs_done(submit_all(stack, bodies[:2]), timeout_s=600)  # warm-up
         s0, c0 = live_rows(metrics)
+        busy0, steps0 = histogram(metrics, "lmqueue_batch_duration_seconds")
         t0 = time.perf_counter()
         ids = submit_all(stack, bodies)
+        t_submit = time.perf_counter() - t0
         probes = []
         for i in range(args.probes):  # spread over the first half of the backlog
             time.sleep(t_b / 2 / max(1, args.probes))
             probes += submit_all(stack, [{"prompt": prompts[i], "max_tokens": 1}], 1)
         # "Under a backlog": until fewer jobs than slots are left unfinished (the tail that
         # drains the last rows is counted separately).
-        wait_until(lambda: unfinished(stack, ids) < slots, 3600, "the backlog to drain")
+        wait_until(lambda: stack.count_open(ids) < slots, 3600, "the backlog to drain", 0.25)
         s_mid, c_mid = live_rows(metrics)
         jobs = stack.wait_jobs_done(ids, timeout_s=3600)
         t_a = time.perf_counter() - t0
         s1, c1 = live_rows(metrics)
+        busy1, steps1 = histogram(metrics, "lmqueue_batch_duration_seconds")
         done = stack.wait_jobs_done(probes, timeout_s=3600)
     bad = [j.error for j in jobs + done if j.status != "succeeded"]
     assert not bad, bad[:3]
@@ -116,13 +121,25 @@ def main() -> None:
         f"requests={args.requests} slots={slots} prefill_budget={budget} "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"(a) service   : {tokens_a} tokens in {t_a:.1f} s = {a:.0f} tok/s")
+    print(
+        f"(a) service   : {tokens_a} tokens in {t_a:.1f} s = {a:.0f} tok/s "
+        f"(the {args.requests} submissions took {t_submit:.1f} s)"
+    )
     print(f"(b) slot loop : {tokens_b} tokens in {t_b:.1f} s = {b:.0f} tok/s")
     print(f"a/b = {a / b:.2f}   (goal >= 0.95)")
     print(
         f"mean live rows per decode step under the backlog: "
         f"{(s_mid - s0) / max(1, c_mid - c0):.1f} of {slots} (goal >= {0.9 * slots:.1f}); "
         f"over the whole run, the draining tail included: {(s1 - s0) / max(1, c1 - c0):.1f}"
+    )
+    # Where the service's time goes: steps as long as the engine's alone (then the gap is
+    # time between steps), or longer (other processes share the cores).
+    steps_b = sum(len(v) for v in decode_b.values())
+    step_b = sum(sum(v) for v in decode_b.values()) / max(1, steps_b)
+    print(
+        f"worker: {steps1 - steps0:.0f} steps, {busy1 - busy0:.1f} s of {t_a:.1f} s inside a "
+        f"step, {1000 * (busy1 - busy0) / max(1, steps1 - steps0):.0f} ms a step "
+        f"(slot loop alone: {1000 * step_b:.0f} ms a decode-only step)"
     )
     print(
         f"submit -> first token of {len(first)} max_tokens=1 probes: "
