@@ -12,7 +12,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -35,6 +37,7 @@ from worker.metrics import MODEL_LOAD_TIME, start_worker_metrics
 from worker.publisher import StreamPublisher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def served_model_name(settings: Settings) -> str:
@@ -169,6 +172,28 @@ def _upsert_worker(session: object, rt: WorkerRuntime, status: str) -> None:
     session.execute(stmt)  # type: ignore[attr-defined]
 
 
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` in a thread that ends with it; return what it returned, raise what it raised.
+
+    Why: libgomp (torch's CPU thread pool) keeps a pool of threads for every thread that ever
+    ran a parallel region, and once it manages more threads than there are CPUs it cuts its
+    spin-waiting short, so every barrier of the slot loop's many small ops sleeps and wakes
+    (measured: the loop 25-35% slower in its thread once the main thread had run the model).
+    Loading in a thread that ends leaves the loop's thread the only pool."""
+    done: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn())
+        except BaseException as exc:  # handed to the caller, who raises it
+            done.set_exception(exc)
+
+    thread = threading.Thread(target=run, name="model-load")
+    thread.start()
+    thread.join()
+    return done.result()
+
+
 _runtime: WorkerRuntime | None = None
 
 
@@ -183,7 +208,7 @@ def start_runtime(celery_hostname: str) -> WorkerRuntime:
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars in every worker's output
     t0 = time.perf_counter()
-    backend = make_backend(spec, settings)
+    backend = in_passing_thread(lambda: make_backend(spec, settings))
     MODEL_LOAD_TIME.labels(spec.name).set(time.perf_counter() - t0)
     hostname = f"{celery_hostname}/{os.getpid()}"
     loop = WorkerLoop(
