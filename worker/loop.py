@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lmqueue.db import session_scope
 from lmqueue.transitions import Outcome, claim_jobs, store_outcomes, time_out
@@ -31,6 +31,7 @@ from worker.gen_types import RequestError, TokenEvent
 from worker.loop_parts import StepStats, TokenHook, engine_error, finished_outcome
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class WorkerLoop:
         self._running: dict[str, Waiting] = {}
         self._storing = 0  # finished jobs not yet written: still `running` in the store
         self._cancel: set[str] = set()
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._stopping = False
         self._seq = 0
         self._writes: queue.Queue[tuple[list[Outcome], list[Waiting]] | None] = queue.Queue()
@@ -107,6 +109,18 @@ class WorkerLoop:
         with self._cond:
             return [w.job_id for w in self._waiting]
 
+    def call(self, fn: Callable[[], R]) -> R:
+        """Run `fn` on the loop's thread between two steps and return its result: the model's
+        other users (the semantic cache's lookups) compute there too, so one thread alone runs
+        torch (see worker.runtime.in_passing_thread for why that matters on CPU)."""
+        done: Future[R] = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the worker is shutting down")
+            self._calls.append((fn, done))
+            self._cond.notify_all()
+        return done.result()
+
     def cancel(self, job_ids: set[str]) -> None:
         """Jobs the store says this worker must drop (cancelled, expired, taken elsewhere)."""
         with self._cond:
@@ -136,11 +150,16 @@ class WorkerLoop:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self._cancel or self._stopping):
+                while not (
+                    self._waiting or self._running or self._cancel or self._calls or self._stopping
+                ):
                     self._cond.wait()
+                calls, self._calls = self._calls, []
                 if self._stopping and not self._running:
+                    _run_calls(calls, stopping=True)
                     return
                 cancels, self._cancel = self._cancel, set()
+            _run_calls(calls)
             try:
                 if not self._one_step(cancels):
                     with self._cond:  # nothing to compute: wait for work, a cancel or a stop
@@ -313,6 +332,17 @@ class WorkerLoop:
         with self._cond:
             self._storing -= len(items)
             self._cond.notify_all()
+
+
+def _run_calls(calls: list[tuple[Callable[[], Any], Future[Any]]], stopping: bool = False) -> None:
+    for fn, done in calls:
+        if stopping:
+            done.set_exception(RuntimeError("the worker is shutting down"))
+            continue
+        try:
+            done.set_result(fn())
+        except Exception as exc:  # the caller's error, raised in the caller's thread
+            done.set_exception(exc)
 
 
 def _resolve(w: Waiting) -> None:

@@ -86,10 +86,12 @@ INDEXES = Indexes()
 
 
 def _embed(text: str) -> list[float]:
-    backend: Any = get_runtime().backend
+    runtime = get_runtime()
+    backend: Any = runtime.backend
     engine = backend.engine  # an EmbedBackend: this worker serves the embedding model
     request = engine.request(EMBEDDINGS, {"model": engine.name or "embedder", "input": text})
-    vector: list[float] = engine.embed([request])[0].embeddings[0]
+    # On the loop's thread, between its steps: the one thread that runs the model.
+    vector: list[float] = runtime.loop.call(lambda: engine.embed([request])[0].embeddings[0])
     return vector
 
 

@@ -1,14 +1,18 @@
-"""The worker loads its model in a thread that ends (worker.runtime.in_passing_thread), so the
-slot loop's thread is the only one libgomp keeps a thread pool for (see its docstring)."""
+"""One thread runs the model: the worker loads it in a thread that ends
+(worker.runtime.in_passing_thread) and every later use goes through the loop's thread
+(WorkerLoop.call), so libgomp keeps one thread pool (see in_passing_thread's docstring)."""
 
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any
 
 import pytest
 import torch
 
 from cli.procs import wait_until
+from worker.loop import WorkerLoop
 from worker.runtime import in_passing_thread
 
 
@@ -38,3 +42,29 @@ def test_torch_thread_pool_of_the_loading_thread_goes_with_it() -> None:
     assert in_passing_thread(parallel_work) == 8_000_000
     # The pool's threads leave after their master thread: back to the threads there were.
     wait_until(lambda: _threads() <= before, 10, "the loading thread's pool to end")
+
+
+class _NoWork:
+    """A backend with nothing to run: the loop only serves calls (unit test, no model)."""
+
+    admit_batch = 1
+
+    def capacity(self) -> int:
+        return 1
+
+    def idle(self) -> bool:
+        return True
+
+    def cancel(self, keys: Any) -> None:
+        pass
+
+
+def test_calls_run_on_the_loop_thread_and_end_with_it() -> None:
+    loop = WorkerLoop(_NoWork(), "m", "w", lease_s=60, hold=1)  # type: ignore[arg-type]
+    loop.start()
+    assert loop.call(lambda: threading.current_thread().name) == "slot-loop"
+    with pytest.raises(ZeroDivisionError):
+        loop.call(lambda: 1 / 0)
+    loop.stop(timeout_s=5)
+    with pytest.raises(RuntimeError, match="shutting down"):
+        loop.call(lambda: 1)
