@@ -156,7 +156,8 @@ class WorkerLoop:
                     self._cond.wait()
                 calls, self._calls = self._calls, []
                 if self._stopping and not self._running:
-                    _run_calls(calls, stopping=True)
+                    for _, done in calls:
+                        done.set_exception(RuntimeError("the worker is shutting down"))
                     return
                 cancels, self._cancel = self._cancel, set()
             _run_calls(calls)
@@ -334,11 +335,8 @@ class WorkerLoop:
             self._cond.notify_all()
 
 
-def _run_calls(calls: list[tuple[Callable[[], Any], Future[Any]]], stopping: bool = False) -> None:
+def _run_calls(calls: list[tuple[Callable[[], Any], Future[Any]]]) -> None:
     for fn, done in calls:
-        if stopping:
-            done.set_exception(RuntimeError("the worker is shutting down"))
-            continue
         try:
             done.set_result(fn())
         except Exception as exc:  # the caller's error, raised in the caller's thread

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -180,18 +180,9 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
     spin-waiting short, so every barrier of the slot loop's many small ops sleeps and wakes
     (measured: the loop 25-35% slower in its thread once the main thread had run the model).
     Loading in a thread that ends leaves the loop's thread the only pool."""
-    done: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            done.set_result(fn())
-        except BaseException as exc:  # handed to the caller, who raises it
-            done.set_exception(exc)
-
-    thread = threading.Thread(target=run, name="model-load")
-    thread.start()
-    thread.join()
-    return done.result()
+    # One worker thread, joined on leaving the block (its exception re-raised by result()).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load") as pool:
+        return pool.submit(fn).result()
 
 
 _runtime: WorkerRuntime | None = None
