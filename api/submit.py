@@ -4,11 +4,11 @@ gets the same priorities, quotas, autoscaling and recovery as any queued job."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from api.admission import admit, admitted
 from api.errors import APIError
@@ -69,6 +69,10 @@ def submit(
     source = cache.lookup(session, owner, key, settings) if key else None
     if key:
         cache.count(model, "exact", source is not None)
+    spec = get_model(model)
+    # The message's id is chosen now and stamped with the insert: one commit per submission
+    # (the send comes after it, so the store holds the job before any worker can see it).
+    task_id = None if source is not None else str(uuid.uuid4())
     try:
         job, created = q.create_job(
             session,
@@ -80,6 +84,7 @@ def submit(
             idempotency_key=idempotency_key,
             timeout_s=timeout_s,
             cache_key=None if source is not None else key,
+            task_id=task_id,
         )
     except q.IdempotencyConflict as exc:
         raise APIError(409, str(exc), code="idempotency_conflict", param="Idempotency-Key") from exc
@@ -87,22 +92,20 @@ def submit(
         return job, created, None
     if source is not None:
         transitions.answer_from_cache(session, job, source, {"kind": "exact"})
-    session.commit()  # the store holds the job before any worker can see its message
+    session.commit()
     admitted(owner, model)
     JOBS_SUBMITTED.labels(model, "job").inc()
     if source is not None:
         JOBS_FINISHED.labels(model, job.status).inc()
         return job, created, None
-    spec = get_model(model)
     try:
         if key and semantic.enabled(spec, endpoint):
-            task_id = send_semantic_lookup(spec.semantic_cache, [job.id], priority)
+            send_semantic_lookup(spec.semantic_cache, [job.id], priority, task_id)
         else:
-            task_id = enqueue_jobs(model, [job.id], priority)
+            enqueue_jobs(model, [job.id], priority, task_id=task_id)
     except BROKER_ERRORS:
+        _unmark_sent(session, job)
         return job, created, DEFERRED_NOTICE
-    _mark_sent(session, job.id, task_id)
-    set_committed_value(job, "task_id", task_id)  # the answer shows it; the row already has it
     return job, created, None
 
 
@@ -112,11 +115,11 @@ DEFERRED_NOTICE = (
 )
 
 
-def _mark_sent(session: Session, job_id: str, task_id: str) -> None:
-    """Stamp the send. Best effort: if the store fails now, recovery may send it once more
-    (harmless: a job runs once however many messages name it)."""
+def _unmark_sent(session: Session, job: Job) -> None:
+    """The message stamped with the insert was never sent: say so (no task id, never sent).
+    Best effort: recovery re-sends a lost single job either way, from its creation time."""
     try:
-        transitions.mark_enqueued(session, [job_id], task_id)
+        transitions.unmark_sent(session, job.id)
         session.commit()
     except SQLAlchemyError:
         session.rollback()

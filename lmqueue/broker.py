@@ -112,7 +112,9 @@ def enqueue_jobs(
     return str(result.id)
 
 
-def send_semantic_lookup(embedder: str, job_ids: Sequence[str], priority: int) -> str:
+def send_semantic_lookup(
+    embedder: str, job_ids: Sequence[str], priority: int, task_id: str | None = None
+) -> str:
     """Send jobs to the embedding model `embedder` for a semantic-cache lookup (it sends them
     on to their own queue on a miss)."""
     result = producer_app().send_task(
@@ -120,6 +122,7 @@ def send_semantic_lookup(embedder: str, job_ids: Sequence[str], priority: int) -
         kwargs=ProcessJobs(job_ids=list(job_ids)).model_dump(),
         queue=queue_name(embedder),
         priority=celery_priority(priority),
+        task_id=task_id,
     )
     return str(result.id)
 

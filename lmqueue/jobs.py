@@ -30,10 +30,12 @@ def create_job(
     idempotency_key: str | None = None,
     timeout_s: float | None = None,
     cache_key: str | None = None,
+    task_id: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key, return the existing job instead.
 
-    Returns (job, created).
+    `task_id`: the message the caller will send right after committing, stamped now (with
+    enqueued_at) so that a submission costs one transaction, not two. Returns (job, created).
     """
     if idempotency_key:
         existing = by_idempotency_key(session, owner, idempotency_key)
@@ -52,13 +54,18 @@ def create_job(
         created_at=created_at,
         deadline_at=created_at + timeout_s if timeout_s else None,
         cache_key=cache_key,
+        task_id=task_id,
+        enqueued_at=created_at if task_id else None,
     )
+    if not idempotency_key:  # a fresh random id cannot collide: no savepoint round trips
+        session.add(job)
+        return job, True
     try:
         with session.begin_nested():
             session.add(job)
     except IntegrityError:
         # A concurrent request with the same key won the insert: answer with its job.
-        existing = by_idempotency_key(session, owner, idempotency_key or "")
+        existing = by_idempotency_key(session, owner, idempotency_key)
         if existing is None:
             raise
         return _same_request_or_conflict(existing, model, endpoint, body), False

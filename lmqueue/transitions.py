@@ -6,7 +6,9 @@
                                      a worker drops a cancelled running row within a few steps
     queued | running -> failed       time_out (past deadline_at: the reaper, or the worker)
     running -> queued | failed       recover_abandoned (its worker is gone: re-send, or give up)
-    queued, stamped enqueued_at      mark_enqueued, mark_resent (who sends its message),
+    queued, stamped enqueued_at      mark_enqueued, mark_resent (who sends its message; a
+                                     submission stamps it with the insert, unmark_sent
+                                     takes it back if the send fails),
                                      mark_held (held_at: a worker holds it, not yet claimed)
     queued -> succeeded              answer_from_cache (a result-cache hit, no worker)
     queued -> succeeded | failed     resolve_followers (a batch line copies the outcome of the
@@ -257,6 +259,11 @@ def mark_enqueued(session: Session, job_ids: Sequence[str], task_id: str | None 
     if task_id is not None:
         values["task_id"] = task_id
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(**values))
+
+
+def unmark_sent(session: Session, job_id: str) -> None:
+    """The message a submission stamped (create_job's task_id) could not be sent."""
+    session.execute(update(Job).where(Job.id == job_id).values(task_id=None, enqueued_at=None))
 
 
 def record_task(session: Session, job_ids: Sequence[str], task_id: str) -> None:

@@ -14,13 +14,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def auth_stack(
-    database_url: str, redis_url: str, model_dir: Path, log_dir: Path, **env: str
+    database_url: str,
+    redis_url: str,
+    model_dir: Path,
+    log_dir: Path,
+    idle: str = "idle",
+    **env: str,
 ) -> Stack:
-    """A stack whose API requires keys; models "tiny" and "idle" (nothing serves "idle")."""
+    """A stack whose API requires keys; models "tiny" and `idle` (nothing serves it). The
+    database is the session's: a test that counts a model's jobs names its own idle model."""
     return Stack(
         database_url,
         redis_url,
-        {"tiny": model_dir, "idle": model_dir},
+        {"tiny": model_dir, idle: model_dir},
         log_dir,
         extra_env={"LMQUEUE_AUTH_ENABLED": "true", **env},
     )

@@ -20,6 +20,9 @@ from tests.auth_stack import as_key, auth_stack, create_key
 pytestmark = pytest.mark.timeout(120)
 
 PER_KEY, PER_MODEL, MAX_BODY = 3, 5, 20_000
+# A model no other test uses: the limits and the drain rate count its jobs in the session's
+# database, which other modules' "idle" jobs share.
+IDLE = "limited"
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,7 @@ def limits_stack(
         redis_url,
         tiny_model_dir,
         tmp_path_factory.mktemp("logs"),
+        idle=IDLE,
         LMQUEUE_MAX_OPEN_JOBS_PER_KEY=str(PER_KEY),
         LMQUEUE_MAX_OPEN_JOBS_PER_MODEL=str(PER_MODEL),
         LMQUEUE_ADMISSION_CACHE_S="0.5",
@@ -48,7 +52,7 @@ def limits_stack(
 METRICS_KEY = "scrape-secret-for-admission-tests"
 
 
-def _job(prompt: str, model: str = "idle", **extra: object) -> dict[str, object]:
+def _job(prompt: str, model: str = IDLE, **extra: object) -> dict[str, object]:
     return {"model": model, "endpoint": "/v1/completions", "body": {"prompt": prompt}, **extra}
 
 
@@ -93,10 +97,10 @@ def test_open_job_limits_per_key_and_per_model(limits_stack: Stack) -> None:
         assert bob.post("/v1/jobs", json=_job("b1")).status_code == 202
         model_full = bob.post("/v1/jobs", json=_job("b2"))
         assert model_full.status_code == 429
-        assert "model 'idle'" in model_full.json()["error"]["message"]
+        assert f"model '{IDLE}'" in model_full.json()["error"]["message"]
         assert model_full.json()["error"]["param"] == "model"
 
-        # Another model is not affected by idle's open jobs.
+        # Another model is not affected by this one's open jobs.
         assert bob.post("/v1/jobs", json=_job("other", model="tiny")).status_code == 202
 
         # Room again once jobs finish (after the short count cache expires).
@@ -109,7 +113,7 @@ def test_open_job_limits_per_key_and_per_model(limits_stack: Stack) -> None:
         )
 
         # Retry-After follows the measured drain rate: 30 jobs in the last minute = 0.5/s.
-        _finished_jobs(limits_stack, "idle", 30, seconds_ago=10)
+        _finished_jobs(limits_stack, IDLE, 30, seconds_ago=10)
 
         def paced() -> bool:
             resp = alice.post("/v1/jobs", json=_job("paced"))
