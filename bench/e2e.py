@@ -1,14 +1,16 @@
 """End-to-end throughput: the whole service against the engine alone, on a mixed workload.
 
-    python -m bench.e2e [--requests 256] [--probes 8]
+    python -m bench.e2e [--requests 256] [--probes 8] [--rounds 3]
 
 (a) N prompts of 10-200 tokens, max_tokens drawn from 8-128, through the whole service: HTTP
     submit, Redis, a Celery worker's slot loop, result store, poll;
-(b) the same requests through the slot loop in this process (same slots, same prefill budget),
-    once before (a) and once after (the machine drifts; (a) is compared with their mean);
-plus, from the worker's Prometheus metrics, the mean live rows per decode step while the backlog
-ran, and the time from submit to first token (p50, p99) of max_tokens=1 probes submitted while
-the backlog runs (same priority: they queue behind it, first in, first out).
+(b) the same requests through the slot loop in this process (same slots, same prefill budget).
+The phases alternate, (b) (a) (b) (a) ... (b), and each (a) is compared with the mean of the
+(b) before and after it: this machine drifts by 10-20% within minutes, more than the effect
+measured. Each phase also reports the CPU time the hypervisor stole (/proc/stat).
+Per round, from the worker's Prometheus metrics: the mean live rows per decode step while the
+backlog ran, and the time from submit to first token (p50, p99) of max_tokens=1 probes
+submitted while the backlog runs (same priority: they queue behind it, first in, first out).
 Prints tokens/s and the ratio a/b. Asserts nothing about speed.
 """
 
@@ -19,7 +21,9 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -31,6 +35,7 @@ from cli.stack import Stack
 from lmqueue.registry import ModelSpec
 from lmqueue.settings import Settings
 from worker.engine import Engine
+from worker.gen_types import GenRequest
 from worker.loading import load_engine
 
 
@@ -56,6 +61,17 @@ def live_rows(metrics_url: str) -> tuple[float, float]:
     return histogram(metrics_url, "lmqueue_batch_size")
 
 
+def stolen() -> tuple[int, int]:
+    """(steal, all) CPU ticks so far (/proc/stat): a VM's neighbours show up as steal."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return ticks[7], sum(ticks)
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return 100 * (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
 def submit_all(stack: Stack, bodies: list[dict[str, Any]], parallel: int = 16) -> list[str]:
     with stack.client() as client, ThreadPoolExecutor(parallel) as pool:
         return list(pool.map(lambda b: stack.submit(client, "bench", **b), bodies))
@@ -66,27 +82,109 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+@dataclass
+class Alone:
+    """One (b) phase: the slot loop in this process."""
+
+    seconds: float
+    steal: float
+
+
+@dataclass
+class Served:
+    """One (a) phase: the whole service."""
+
+    seconds: float
+    tokens: int
+    submit_s: float
+    rows_backlog: float  # mean live rows per decode step while more jobs than slots were open
+    rows_all: float
+    steps: float
+    busy_s: float  # inside a step
+    first_token: list[float]
+    steal: float
+
+
+def run_alone(run: Callable[[], float]) -> Alone:
+    s0 = stolen()
+    seconds = run()
+    return Alone(seconds, steal_pct(s0, stolen()))
+
+
+def run_served(
+    stack: Stack,
+    metrics: str,
+    bodies: list[dict[str, Any]],
+    probes: list[dict[str, Any]],
+    spread_s: float,
+    slots: int,
+) -> Served:
+    s0, c0 = live_rows(metrics)
+    busy0, steps0 = histogram(metrics, "lmqueue_batch_duration_seconds")
+    st0 = stolen()
+    t0 = time.perf_counter()
+    ids = submit_all(stack, bodies)
+    submit_s = time.perf_counter() - t0
+    probe_ids = []
+    for body in probes:  # spread over the first half of the backlog
+        time.sleep(spread_s / max(1, len(probes)))
+        probe_ids += submit_all(stack, [body], 1)
+    # "Under a backlog": until fewer jobs than slots are left unfinished (the tail that drains
+    # the last rows is counted separately).
+    wait_until(lambda: stack.count_open(ids) < slots, 3600, "the backlog to drain", 0.25)
+    s_mid, c_mid = live_rows(metrics)
+    jobs = stack.wait_jobs_done(ids, timeout_s=3600)
+    seconds = time.perf_counter() - t0
+    steal = steal_pct(st0, stolen())
+    s1, c1 = live_rows(metrics)
+    busy1, steps1 = histogram(metrics, "lmqueue_batch_duration_seconds")
+    done = stack.wait_jobs_done(probe_ids, timeout_s=3600)
+    bad = [j.error for j in jobs + done if j.status != "succeeded"]
+    assert not bad, bad[:3]
+    return Served(
+        seconds=seconds,
+        tokens=sum(j.completion_tokens or 0 for j in jobs),
+        submit_s=submit_s,
+        rows_backlog=(s_mid - s0) / max(1, c_mid - c0),
+        rows_all=(s1 - s0) / max(1, c1 - c0),
+        steps=steps1 - steps0,
+        busy_s=busy1 - busy0,
+        first_token=[(j.finished_at or 0) - j.created_at for j in done],
+        steal=steal,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     settings = Settings()
-    slots, budget = settings.max_batch_size, settings.prefill_budget
+    slots, budget, group = settings.max_batch_size, settings.prefill_budget, settings.admit_batch
     model_dir = bench_model_dir()
     engine = load_engine(ModelSpec(name="bench", path=str(model_dir)))
     assert isinstance(engine, Engine)
     tok = engine.tokenizer
     prompts = mixed_prompts(tok, args.requests)
-    reqs = workload(engine, [tok(p).input_ids for p in prompts])
-    group = settings.admit_batch
+    reqs: list[GenRequest] = workload(engine, [tok(p).input_ids for p in prompts])
     run_slots(engine, reqs[:4], slots, budget, group)  # warm-up
-    results, t_b1, decode_b = run_slots(engine, reqs, slots, budget, group)
+    results, _, decode_b = run_slots(engine, reqs, slots, budget, group)
     tokens_b = sum(r.completion_tokens for r in results)
 
+    def alone() -> float:
+        return run_slots(engine, reqs, slots, budget, group)[1]
+
+    bodies = [{"prompt": p, "max_tokens": r.max_tokens} for p, r in zip(prompts, reqs, strict=True)]
+    probes = [{"prompt": p, "max_tokens": 1} for p in prompts[: args.probes]]
     port = free_port()
     env = {"LMQUEUE_WORKER_METRICS_PORT": str(port)}
-    bodies = [{"prompt": p, "max_tokens": r.max_tokens} for p, r in zip(prompts, reqs, strict=True)]
+    print(
+        f"requests={args.requests} slots={slots} prefill_budget={budget} admit_batch={group} "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    b = [run_alone(alone)]
+    a: list[Served] = []
     with bench_stack({"bench": str(model_dir)}) as stack:
         stack.start_api()
         # As `lmqueue worker` runs it: 2 x slots task threads, so jobs wait in the worker while
@@ -94,64 +192,52 @@ def main() -> None:
         stack.start_worker("bench", concurrency=settings.effective_concurrency(), env=env)
         metrics = f"http://127.0.0.1:{port}/metrics"
         stack.wait_jobs_done(submit_all(stack, bodies[:2]), timeout_s=600)  # warm-up
-        s0, c0 = live_rows(metrics)
-        busy0, steps0 = histogram(metrics, "lmqueue_batch_duration_seconds")
-        t0 = time.perf_counter()
-        ids = submit_all(stack, bodies)
-        t_submit = time.perf_counter() - t0
-        probes = []
-        for i in range(args.probes):  # spread over the first half of the backlog
-            time.sleep(t_b1 / 2 / max(1, args.probes))
-            probes += submit_all(stack, [{"prompt": prompts[i], "max_tokens": 1}], 1)
-        # "Under a backlog": until fewer jobs than slots are left unfinished (the tail that
-        # drains the last rows is counted separately).
-        wait_until(lambda: stack.count_open(ids) < slots, 3600, "the backlog to drain", 0.25)
-        s_mid, c_mid = live_rows(metrics)
-        jobs = stack.wait_jobs_done(ids, timeout_s=3600)
-        t_a = time.perf_counter() - t0
-        s1, c1 = live_rows(metrics)
-        busy1, steps1 = histogram(metrics, "lmqueue_batch_duration_seconds")
-        done = stack.wait_jobs_done(probes, timeout_s=3600)
-    # (b) again, after the service: this machine drifts by 10-20% within minutes, so (a) is
-    # compared with the mean of a run before it and one after.
-    _, t_b2, _ = run_slots(engine, reqs, slots, budget, group)
-    t_b = (t_b1 + t_b2) / 2
-    bad = [j.error for j in jobs + done if j.status != "succeeded"]
-    assert not bad, bad[:3]
-    tokens_a = sum(j.completion_tokens or 0 for j in jobs)
-    first = [(j.finished_at or 0) - j.created_at for j in done]
-    a, b = tokens_a / t_a, tokens_b / t_b
+        for r in range(args.rounds):
+            a.append(run_served(stack, metrics, bodies, probes, b[-1].seconds / 2, slots))
+            b.append(run_alone(alone))
+            report_round(r, a[-1], b[-2], b[-1], tokens_b, slots)
+    report_total(a, b, tokens_b, decode_b, slots)
+
+
+def report_round(r: int, a: Served, before: Alone, after: Alone, tokens_b: int, slots: int) -> None:
+    rate_a, rate_b = a.tokens / a.seconds, tokens_b / ((before.seconds + after.seconds) / 2)
     print(
-        f"requests={args.requests} slots={slots} prefill_budget={budget} "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"round {r + 1}: (a) service {a.tokens} tokens in {a.seconds:.1f} s = {rate_a:.0f} tok/s "
+        f"(submissions {a.submit_s:.1f} s, steal {a.steal:.1f}%); (b) slot loop "
+        f"{before.seconds:.1f} s before (steal {before.steal:.1f}%), {after.seconds:.1f} s after "
+        f"(steal {after.steal:.1f}%): {rate_b:.0f} tok/s; a/b = {rate_a / rate_b:.2f}"
     )
     print(
-        f"(a) service   : {tokens_a} tokens in {t_a:.1f} s = {a:.0f} tok/s "
-        f"(the {args.requests} submissions took {t_submit:.1f} s)"
+        f"  live rows per decode step under the backlog {a.rows_backlog:.1f} of {slots}, whole "
+        f"run {a.rows_all:.1f}; worker {a.steps:.0f} steps, {a.busy_s:.1f} s of "
+        f"{a.seconds:.1f} s inside a step ({1000 * a.busy_s / max(1, a.steps):.0f} ms a step); "
+        f"probes' submit -> first token p50 {statistics.median(a.first_token):.1f} s"
     )
-    print(
-        f"(b) slot loop : {tokens_b} tokens in {t_b1:.1f} s before (a), {t_b2:.1f} s after: "
-        f"mean {b:.0f} tok/s"
-    )
-    print(f"a/b = {a / b:.2f}   (goal >= 0.95)")
-    print(
-        f"mean live rows per decode step under the backlog: "
-        f"{(s_mid - s0) / max(1, c_mid - c0):.1f} of {slots} (goal >= {0.9 * slots:.1f}); "
-        f"over the whole run, the draining tail included: {(s1 - s0) / max(1, c1 - c0):.1f}"
-    )
-    # Where the service's time goes: steps as long as the engine's alone (then the gap is
-    # time between steps), or longer (other processes share the cores).
+
+
+def report_total(
+    a: list[Served], b: list[Alone], tokens_b: int, decode_b: dict[int, list[float]], slots: int
+) -> None:
+    ratios = [
+        (x.tokens / x.seconds) / (tokens_b / ((b[i].seconds + b[i + 1].seconds) / 2))
+        for i, x in enumerate(a)
+    ]
+    first = [t for x in a for t in x.first_token]
     steps_b = sum(len(v) for v in decode_b.values())
     step_b = sum(sum(v) for v in decode_b.values()) / max(1, steps_b)
     print(
-        f"worker: {steps1 - steps0:.0f} steps, {busy1 - busy0:.1f} s of {t_a:.1f} s inside a "
-        f"step, {1000 * (busy1 - busy0) / max(1, steps1 - steps0):.0f} ms a step "
-        f"(slot loop alone: {1000 * step_b:.0f} ms a decode-only step)"
+        f"a/b per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+        f"mean {statistics.mean(ratios):.2f} (goal >= 0.95)"
+    )
+    print(
+        f"mean live rows per decode step under the backlog: "
+        f"{statistics.mean(x.rows_backlog for x in a):.1f} of {slots} (goal >= {0.9 * slots:.1f})"
     )
     print(
         f"submit -> first token of {len(first)} max_tokens=1 probes: "
         f"p50 {statistics.median(first):.1f} s, p99 {percentile(first, 0.99):.1f} s"
     )
+    print(f"slot loop alone: {1000 * step_b:.0f} ms a decode-only step")
 
 
 if __name__ == "__main__":
