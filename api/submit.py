@@ -69,7 +69,6 @@ def submit(
     source = cache.lookup(session, owner, key, settings) if key else None
     if key:
         cache.count(model, "exact", source is not None)
-    spec = get_model(model)
     # The message's id is chosen now and stamped with the insert: one commit per submission
     # (the send comes after it, so the store holds the job before any worker can see it).
     task_id = None if source is not None else str(uuid.uuid4())
@@ -98,6 +97,7 @@ def submit(
     if source is not None:
         JOBS_FINISHED.labels(model, job.status).inc()
         return job, created, None
+    spec = get_model(model)
     try:
         if key and semantic.enabled(spec, endpoint):
             send_semantic_lookup(spec.semantic_cache, [job.id], priority, task_id)

@@ -77,6 +77,7 @@ def test_redis_down_submits_are_accepted_and_run_once(
             for r in during:
                 assert r.status_code == 202, r.text
                 assert "unreachable" in r.json()["notice"]
+                assert r.json()["task_id"] is None  # the stamped message was never sent
             own_redis.start()  # an empty Redis: the deferred messages were never sent
 
             ids = [r.json()["id"] for r in before + during]

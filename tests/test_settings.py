@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lmqueue.broker import celery_config
 from lmqueue.settings import Settings, get_settings, reset_settings
 from scripts.env_example import render
 
@@ -33,3 +34,9 @@ def test_env_overrides_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_database_is_sqlite_in_data_dir(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path, database_url="")
     assert s.resolved_database_url() == f"sqlite:///{tmp_path.resolve() / 'lmqueue.db'}"
+
+
+def test_task_sent_events_follow_the_setting() -> None:
+    # Off by default (Flower shows a request once a worker receives it: test_observability).
+    assert celery_config(Settings())["task_send_sent_event"] is False
+    assert celery_config(Settings(flower_sent_events=True))["task_send_sent_event"] is True
