@@ -7,16 +7,18 @@ do not stall, and the retention purge."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
 
+from cli.procs import wait_until
 from cli.stack import Stack
 from lmqueue import files as fs
 from lmqueue.admission import open_jobs_of_owner
-from lmqueue.batches.dispatch import dispatch_once
+from lmqueue.batches.dispatch import Pump, dispatch_once, poke
 from lmqueue.batches.output import MAX_SKIPPED, results_page
 from lmqueue.batches.share import Tenant, allocate
 from lmqueue.batches.state import advance_batch
@@ -152,6 +154,46 @@ def test_held_lines_are_not_lost_messages(env: Settings) -> None:
     dispatch_once(send=lambda _m: None)  # stamped, but "lost" (never sent): the reaper's job
     with session_scope() as session:
         assert stale_queued(session, MODEL, future) == set(job_ids(batch)[:5])
+
+
+def test_a_pass_reports_the_models_with_open_lines(env: Settings) -> None:
+    found: list[str] = []
+    assert dispatch_once(send=lambda _m: None, open_models=found) == 0
+    assert found == []  # nothing open: the pump spaces its passes out
+    make_batch("key_a", 3, MODEL, prefix="o")
+    assert dispatch_once(send=lambda _m: None, open_models=found) == 3
+    assert found == [MODEL]
+
+
+class CountingPump(Pump):
+    """A pump whose passes only count (no store, no Redis) and find `open_models`."""
+
+    def __init__(self, settings: Settings, open_models: list[str]) -> None:
+        super().__init__(settings)
+        self.passes: list[float] = []
+        self.found = open_models
+
+    def pass_once(self, open_models: list[str] | None = None) -> int:
+        self.passes.append(time.monotonic())
+        if open_models is not None:
+            open_models += self.found
+        return 0
+
+
+def test_an_idle_pump_backs_off_and_a_new_batch_wakes_it(env: Settings) -> None:
+    settings = env.model_copy(update={"batch_dispatch_interval_s": 0.05})
+    busy, idle = CountingPump(settings, [MODEL]).start(), CountingPump(settings, []).start()
+    try:
+        wait_until(lambda: len(busy.passes) >= 20, 30, "20 busy passes")
+        # Doubling from 0.05 s: far fewer passes meanwhile (0.1 + 0.2 + 0.4 + 0.8 ... s apart).
+        assert len(idle.passes) <= 8, idle.passes
+        busy.close()  # one pump per process, as in a service: none other clears the wake-up
+        n = len(idle.passes)
+        poke()  # what ingesting a batch does: the pump passes now, not in up to 2 s
+        wait_until(lambda: len(idle.passes) > n, 1.5, "a pass after poke()")
+    finally:
+        busy.close()
+        idle.close()
 
 
 # --- quotas -------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ from tests.auth_stack import as_key, auth_stack, create_key, lmqueue_cli
 from tests.tenancy_helpers import input_bytes
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+# Nothing serves it. Its own name: the deadline test counts the model's recent jobs in the
+# session's database, where other modules' "idle" jobs would change the drain rate.
+IDLE = "tenancy-idle"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,7 @@ def tstack(
         redis_url,
         tiny_model_dir,
         tmp_path_factory.mktemp("tenancy"),
+        idle=IDLE,
         LMQUEUE_BATCH_DISPATCH_WINDOW="16",  # small, so the share shows with few lines
     )
     with running(st, ["tiny"]):
@@ -88,7 +92,7 @@ def test_quotas_are_429_naming_the_quota(tstack: Stack) -> None:
     proc = lmqueue_cli(tstack, "keys", "limits", key_id, "--queued-lines", "10")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["quota_queued_lines"] == 10
-    f = _upload(client, input_bytes(11, "idle", "q")).json()
+    f = _upload(client, input_bytes(11, IDLE, "q")).json()
     refused = _batch(client, f["id"])
     assert refused.status_code == 429, refused.text
     err = refused.json()["error"]
@@ -97,11 +101,11 @@ def test_quotas_are_429_naming_the_quota(tstack: Stack) -> None:
 
     proc = lmqueue_cli(tstack, "keys", "limits", key_id, "--file-bytes", str(f["bytes"] + 10))
     assert proc.returncode == 0, proc.stderr
-    too_much = _upload(client, input_bytes(11, "idle", "q2"))
+    too_much = _upload(client, input_bytes(11, IDLE, "q2"))
     assert too_much.status_code == 429, too_much.text
     assert "quota_file_bytes" in too_much.json()["error"]["message"]
     assert lmqueue_cli(tstack, "keys", "limits", key_id, "--file-bytes", "default").returncode == 0
-    assert _upload(client, input_bytes(11, "idle", "q3")).status_code == 200
+    assert _upload(client, input_bytes(11, IDLE, "q3")).status_code == 200
 
 
 def _key_id(stack: Stack, key: str) -> str:
@@ -113,12 +117,12 @@ def test_deadline_admission_names_the_earliest_window(tstack: Stack) -> None:
     client = as_key(tstack, create_key(tstack, "deadline"))
     t = now()
     drained = [new_id("job") for _ in range(60)]
-    with Session(tstack.engine) as s:  # "idle" drained 60 lines in the last minute: 1 line/s
+    with Session(tstack.engine) as s:  # IDLE drained 60 lines in the last minute: 1 line/s
         for i, job_id in enumerate(drained):
             s.add(
                 Job(
                     id=job_id,
-                    model="idle",
+                    model=IDLE,
                     endpoint="/v1/completions",
                     body={},
                     status=JobStatus.SUCCEEDED,
@@ -127,7 +131,7 @@ def test_deadline_admission_names_the_earliest_window(tstack: Stack) -> None:
             )
         s.commit()
     try:
-        f = _upload(client, input_bytes(200, "idle", "d")).json()
+        f = _upload(client, input_bytes(200, IDLE, "d")).json()
         refused = _batch(client, f["id"], completion_window="1m")
         assert refused.status_code == 429, refused.text
         err = refused.json()["error"]
@@ -135,7 +139,7 @@ def test_deadline_admission_names_the_earliest_window(tstack: Stack) -> None:
         assert "earliest feasible completion_window is" in err["message"]
         accepted = _batch(client, f["id"], completion_window="24h")
         assert accepted.status_code == 200, accepted.text
-        # Nothing serves "idle": cancel, so its lines hold no dispatch window (the database is
+        # Nothing serves IDLE: cancel, so its lines hold no dispatch window (the database is
         # shared with the other test modules of this session).
         cancel = client.post(f"/v1/batches/{accepted.json()['id']}/cancel")
         assert cancel.status_code == 200, cancel.text

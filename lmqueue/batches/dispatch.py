@@ -1,9 +1,10 @@
 """The batch dispatcher: batch lines are metered into Redis instead of enqueued all at once.
 
 Ingest inserts a batch's lines `held` (queued, `enqueued_at` NULL: no message yet). Every
-`batch_dispatch_interval_s`, per model, the dispatcher tops the lines in flight (sent and not
-finished) up to the model's window, shared between API keys by weight (lmqueue.batches.share);
-within a key, the batch with the earliest deadline (`expires_at`) goes first, then input order.
+`batch_dispatch_interval_s` while lines are open (less often when none are), per model, the
+dispatcher tops the lines in flight (sent and not finished) up to the model's window, shared
+between API keys by weight (lmqueue.batches.share); within a key, the batch with the earliest
+deadline (`expires_at`) goes first, then input order.
 Single jobs are sent at once at a higher priority, so they still jump ahead of batch lines.
 
 The store stays the truth: a line is stamped `enqueued_at` by a conditional UPDATE before its
@@ -43,6 +44,16 @@ Send = Callable[[dict[str, list[str]]], Any]  # {model: [job ids]} -> sends the 
 DRAIN_AHEAD_S = 2.0
 DRAIN_WINDOW_S = 5.0
 FAILED_PASS_WAIT_S = 5.0
+# With no batch line open, a pump's passes space out (doubling up to this): an idle API costs
+# no CPU to speak of. A batch ingested in this process wakes its pump at once (`poke`); one
+# ingested elsewhere starts within this long.
+IDLE_WAIT_MAX_S = 2.0
+_wake = threading.Event()
+
+
+def poke() -> None:
+    """Lines were just inserted held: this process's pump passes now instead of when due."""
+    _wake.set()
 
 
 def held() -> ColumnElement[bool]:
@@ -136,11 +147,16 @@ def stamp(session: Session, ids: Sequence[str], t: float) -> list[str]:
     return out
 
 
-def plan(session: Session, settings: Settings) -> dict[str, list[str]]:
-    """Choose and stamp the lines to send now, {model: ids}; the caller commits, then sends."""
+def plan(
+    session: Session, settings: Settings, open_models: list[str] | None = None
+) -> dict[str, list[str]]:
+    """Choose and stamp the lines to send now, {model: ids}; the caller commits, then sends.
+    `open_models` receives the models that have open batch lines."""
     t = now()
     chosen: dict[str, list[str]] = {}
     for model, by_owner in tenants(session, settings).items():
+        if open_models is not None:
+            open_models.append(model)
         grants = allocate(window(session, settings, model), by_owner)
         ids = [i for owner, n in grants.items() for i in pick(session, model, owner, n, settings)]
         if ids:
@@ -148,11 +164,15 @@ def plan(session: Session, settings: Settings) -> dict[str, list[str]]:
     return {m: ids for m, ids in chosen.items() if ids}
 
 
-def dispatch_once(send: Send | None = None, settings: Settings | None = None) -> int:
-    """One dispatch pass; returns the number of lines sent."""
+def dispatch_once(
+    send: Send | None = None,
+    settings: Settings | None = None,
+    open_models: list[str] | None = None,
+) -> int:
+    """One dispatch pass; returns the number of lines sent (`open_models`: see plan)."""
     settings = settings or get_settings()
     with session_scope() as session:
-        chosen = plan(session, settings)
+        chosen = plan(session, settings, open_models)
     if not chosen:
         return 0
     # Committed before sending: a crash in between leaves stamped lines without a message,
@@ -211,16 +231,20 @@ class Pump:
 
     def close(self) -> None:
         self.stop.set()
+        _wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._client.close()
 
-    def pass_once(self) -> int:
+    def pass_once(self, open_models: list[str] | None = None) -> int:
+        """One pass if no other process is in one; `open_models` as in plan."""
         lock = self._client.lock(self._lock_name, timeout=30, blocking=False)
         if not lock.acquire(blocking=False):
+            if open_models is not None:
+                open_models.append("")  # unknown: another process is passing, keep pace
             return 0
         try:
-            return dispatch_once(settings=self.settings)
+            return dispatch_once(settings=self.settings, open_models=open_models)
         finally:
             # A very slow pass may have outlived the lock: nothing to release then.
             with contextlib.suppress(redis.exceptions.LockError):
@@ -228,11 +252,15 @@ class Pump:
 
     def _run(self) -> None:
         interval = self.settings.batch_dispatch_interval_s
+        wait = interval
         while not self.stop.is_set():
-            wait = interval
+            open_models: list[str] = []
             try:
-                self.pass_once()
+                self.pass_once(open_models)
+                idle = max(interval, min(IDLE_WAIT_MAX_S, 2 * wait))
+                wait = interval if open_models else idle
             except Exception:  # the store or Redis is down: try again, without flooding the log
                 log.exception("batch dispatch pass failed; retrying in %.0f s", FAILED_PASS_WAIT_S)
                 wait = max(interval, FAILED_PASS_WAIT_S)
-            self.stop.wait(wait)
+            _wake.wait(wait)
+            _wake.clear()

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from lmqueue import cache
+from lmqueue.batches.dispatch import poke
 from lmqueue.batches.state import VALIDATING, fail_batch, record_ingested, start_batch
 from lmqueue.db import get_sessionmaker, session_scope
 from lmqueue.errors import batch_error
@@ -211,6 +212,7 @@ def ingest_batch(batch_id: str) -> None:
         return
     finally:
         session.close()
+    poke()  # this process's dispatcher sends the first lines now
     for model, ids in result.by_model.items():
         JOBS_SUBMITTED.labels(model, "batch").inc(len(ids))
     _enqueue(batch_id, result, settings)
