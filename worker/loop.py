@@ -32,6 +32,10 @@ from worker.loop_parts import StepStats, TokenHook, engine_error, finished_outco
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# How long admission waits for the writer when rows it is storing are all that keep a group of
+# waiting jobs out (they count as running until stored). A write takes milliseconds; not
+# waiting leaves those slots empty for a whole step.
+STORE_WAIT_S = 0.05
 
 
 @dataclass
@@ -222,15 +226,18 @@ class WorkerLoop:
     def _admit(self) -> None:
         """Claim as many waiting jobs as the backend has room for, best priority first. Jobs
         finished but not yet written still count: the store never shows more running jobs
-        than the worker has slots."""
+        than the worker has slots (when only they keep a group out, wait for the writer)."""
         with self._cond:
-            room = self.backend.capacity() - self._storing
-            if room <= 0 or not self._waiting:
+            if not self._waiting:
                 return
             # Claim in groups while rows decode (SlotEngine.admit_batch): the group is
             # prefilled in one forward.
             group = min(self.backend.admit_batch, len(self._waiting))
-            if room < group and not self.backend.idle():
+            room = self.backend.capacity() - self._storing
+            if room < group <= room + self._storing:
+                self._cond.wait_for(lambda: self._room() >= group, STORE_WAIT_S)
+                room = self._room()
+            if room <= 0 or not self._waiting or (room < group and not self.backend.idle()):
                 return
             self._waiting.sort(key=lambda w: (-w.priority, w.seq))
             picked, self._waiting = self._waiting[:room], self._waiting[room:]
@@ -255,6 +262,9 @@ class WorkerLoop:
                 failed.append((w.job_id, Outcome(w.job_id, error=err)))
         if failed:
             self._finish(failed)
+
+    def _room(self) -> int:
+        return self.backend.capacity() - self._storing
 
     def _admit_one(self, w: Waiting) -> dict[str, Any] | None:
         if isinstance(w.request, RequestError):
