@@ -233,7 +233,7 @@ class WorkerLoop:
             # Claim in groups while rows decode (SlotEngine.admit_batch): the group is
             # prefilled in one forward.
             group = min(self.backend.admit_batch, len(self._waiting))
-            room = self.backend.capacity() - self._storing
+            room = self._room()
             if room < group <= room + self._storing:
                 self._cond.wait_for(lambda: self._room() >= group, STORE_WAIT_S)
                 room = self._room()
