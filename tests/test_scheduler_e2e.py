@@ -102,12 +102,9 @@ def test_backlog_scales_zero_to_max_then_back_to_min(
         wait_until(lambda: _metric(port, desired) == 2, 30, "desired 2 in /metrics")
         assert (_metric(port, 'lmqueue_scheduler_backlog{model="tiny"}') or 0) > 0
         wait_until(lambda: all_done(st, ids), 120, "300 jobs to finish", every_s=0.5)
-        wait_until(
-            lambda: _events(st)[-1].current == 0 and not _live_workers(st),
-            60,
-            "scale back to zero",
-            every_s=0.5,
-        )
+        t_done = time.time()
+        _wait_scaled_to_zero(st)
+        t_zero = time.time()
         jobs = _jobs(st, ids)
         with st.client() as client:
             seen = client.get("/v1/scheduler", params={"limit": 500}).json()
@@ -127,8 +124,29 @@ def test_backlog_scales_zero_to_max_then_back_to_min(
     first_claim = min(j.started_at or 0 for j in jobs)
     print(
         f"\nscale-up: decision {first_up['at'] - t0:.2f}s after submit; worker ready (model "
-        f"loaded) {ready[0] - t0:.2f}s; first job claimed {first_claim - t0:.2f}s after submit"
+        f"loaded) {ready[0] - t0:.2f}s; first job claimed {first_claim - t0:.2f}s after submit; "
+        f"scale-down: no live worker {t_zero - t_done:.2f}s after the last job"
     )
+
+
+def _wait_scaled_to_zero(st: Stack) -> None:
+    try:
+        wait_until(
+            lambda: _events(st)[-1].current == 0 and not _live_workers(st),
+            60,
+            "scale back to zero",
+            every_s=0.5,
+        )
+    except TimeoutError as e:
+        # A timeout in CI must tell its story: the decisions, the workers, the processes' logs.
+        events = [(round(ev.at, 1), ev.current, ev.desired, ev.reason) for ev in _events(st)]
+        with Session(st.engine) as s:
+            rows = s.scalars(select(WorkerRecord))
+            workers = [(w.hostname, w.status, round(w.heartbeat_at, 1)) for w in rows]
+        raise TimeoutError(
+            f"{e}\nnow {time.time():.1f}\nevents: {events[-8:]}\nworkers: {workers}\n"
+            f"{st.all_logs()}"
+        ) from None
 
 
 # --- two fixed workers: crashes and lost messages ---------------------------------------------

@@ -90,12 +90,18 @@ class WorkerLoop:
     def offer(self, items: list[Waiting]) -> tuple[list[Waiting], list[Waiting]]:
         """Put jobs on the waiting list: blocks until there is room for at least one, then
         returns (taken, overflow). The caller re-sends the overflow to the queue, so one worker
-        never holds more than its share."""
+        never holds more than its share.
+
+        A job this loop already holds (waiting or running) is taken and resolved at once: a
+        re-sent message (the reaper errs on the side of sending again) must not put a second
+        copy on the list, where one claim would start both and leave one never resolved, its
+        task never acked and its worker never able to drain."""
         with self._cond:
             while len(self._waiting) >= self.hold and not self._stopping:
                 self._cond.wait(0.5)
             if self._stopping:
                 raise RuntimeError("the worker is shutting down")
+            items = self._without_held(items)
             room = self.hold - len(self._waiting)
             taken, overflow = items[:room], items[room:]
             for item in taken:
@@ -104,6 +110,18 @@ class WorkerLoop:
             self._waiting += taken
             self._cond.notify_all()
         return taken, overflow
+
+    def _without_held(self, items: list[Waiting]) -> list[Waiting]:
+        """`items` less the jobs already held here (resolved now: skipped). Under _cond."""
+        held = {w.job_id for w in self._waiting} | set(self._running)
+        fresh: list[Waiting] = []
+        for item in items:
+            if item.job_id in held:
+                _resolve(item)
+                continue
+            held.add(item.job_id)
+            fresh.append(item)
+        return fresh
 
     def running_ids(self) -> list[str]:
         with self._cond:

@@ -52,7 +52,8 @@ def process_jobs(self: Any, job_ids: list[str]) -> dict[str, int]:
     return {
         "offered": len(taken),
         "resent": len(overflow),
-        "skipped": len(payload.job_ids) - len(items),
+        # Finished, cancelled, or already held by this worker (a re-sent message's copy).
+        "skipped": len(payload.job_ids) - len(taken) - len(overflow),
     }
 
 
