@@ -5,8 +5,10 @@ in the running table was never resolved: its task hung and the worker never reti
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from cli.procs import wait_until
 from worker.loop import Waiting, WorkerLoop
 
 
@@ -50,3 +52,18 @@ def test_one_message_naming_a_job_twice_lists_it_once() -> None:
     taken: Any
     taken, _ = wl.offer([a, b])
     assert taken == [a] and b.done.done() and wl.waiting_ids() == ["j1"]
+
+
+def test_an_offer_waiting_for_room_counts_as_held() -> None:
+    """The watcher stamps what waiting_ids() names: jobs of a message whose offer waits for
+    room must be among them, or the reaper takes that message for lost and sends it again."""
+    wl = WorkerLoop(_NoSlots(), "m", "w", lease_s=60, hold=1)  # type: ignore[arg-type]
+    wl.offer([_item("j1")])
+    blocked = threading.Thread(target=wl.offer, args=([_item("j2"), _item("j3")],), daemon=True)
+    blocked.start()
+    wait_until(lambda: wl.waiting_ids() == ["j1", "j2", "j3"], 10, "the blocked offer listed")
+    with wl._cond:  # room for one: the offer goes through, its second job overflows
+        wl._waiting.clear()
+        wl._cond.notify_all()
+    blocked.join(10)
+    assert not blocked.is_alive() and wl.waiting_ids() == ["j2"]

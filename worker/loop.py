@@ -73,6 +73,7 @@ class WorkerLoop:
         self.stats = StepStats()
         self._cond = threading.Condition()
         self._waiting: list[Waiting] = []
+        self._offering: list[list[Waiting]] = []  # offers blocked until the list has room
         self._running: dict[str, Waiting] = {}
         self._storing = 0  # finished jobs not yet written: still `running` in the store
         self._cancel: set[str] = set()
@@ -97,8 +98,12 @@ class WorkerLoop:
         copy on the list, where one claim would start both and leave one never resolved, its
         task never acked and its worker never able to drain."""
         with self._cond:
-            while len(self._waiting) >= self.hold and not self._stopping:
-                self._cond.wait(0.5)
+            self._offering.append(items)  # held, though not listed yet: stamped all the same
+            try:
+                while len(self._waiting) >= self.hold and not self._stopping:
+                    self._cond.wait(0.5)
+            finally:
+                self._offering = [o for o in self._offering if o is not items]
             if self._stopping:
                 raise RuntimeError("the worker is shutting down")
             items = self._without_held(items)
@@ -128,8 +133,11 @@ class WorkerLoop:
             return list(self._running)
 
     def waiting_ids(self) -> list[str]:
+        """Jobs this worker holds unclaimed: listed, or in a task thread's offer that waits for
+        room (the watcher stamps them all, so the reaper never takes their messages for lost)."""
         with self._cond:
-            return [w.job_id for w in self._waiting]
+            offered = [w.job_id for items in self._offering for w in items]
+            return [w.job_id for w in self._waiting] + offered
 
     def call(self, fn: Callable[[], R]) -> R:
         """Run `fn` on the loop's thread between two steps and return its result: the model's
