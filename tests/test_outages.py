@@ -14,8 +14,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from cli.procs import wait_until
 from cli.stack import Stack
 from lmqueue.tables import Batch, FileObject, Job
+from tests.conftest import MODEL_CACHE
 from tests.faults import RedisServer, TcpProxy
 from tests.postgres import fresh_postgres_database
 
@@ -136,3 +138,59 @@ def test_store_down_is_503_with_retry_after_and_creates_nothing(
         finally:
             st.stop()
             proxy.stop()
+
+
+@pytest.mark.postgres
+def test_store_cut_under_a_running_worker_fails_no_running_row(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Postgres cut while two rows decode and a deadline falls due: the worker cannot expire the
+    late row, so admission pauses and the other row keeps decoding. Before, the failed UPDATE
+    failed the step "as a whole": every running row ended `engine_error`."""
+    from worker.demo_model import build_demo_model
+
+    long_dir = build_demo_model(MODEL_CACHE / "tiny-long", size="tiny-long")
+    with fresh_postgres_database() as direct_url:
+        url = make_url(direct_url)
+        proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+        proxy.start()
+        proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+        env = {"LMQUEUE_MAX_BATCH_SIZE": "2", "LMQUEUE_CANCEL_POLL_S": "0.1"}
+        st = Stack(proxied, redis_url, {"long": long_dir}, tmp_path, extra_env=env)
+        st.migrate()
+        try:
+            st.start_api()
+            worker = st.start_worker("long")
+            with st.client() as client:
+                late = _submit_long(client, 4000, timeout=3)
+                going = _submit_long(client, 4000)
+                waiting = _submit_long(client, 4)
+                wait_until(lambda: _statuses(st, [late, going]) == ["running"] * 2, 60, "2 rows")
+                proxy.stop()
+                wait_until(
+                    lambda: "admission paused" in worker.log_path.read_text(errors="replace"),
+                    60,
+                    "the worker to notice the store is gone when the deadline falls due",
+                )
+                proxy.start()
+                st.engine.dispose()  # this test's own pooled connections went with the cut
+                jobs = {j.id: j for j in st.wait_jobs_done([late, going, waiting], 180)}
+        finally:
+            st.stop()
+            proxy.stop()
+    assert jobs[late].status == "failed" and jobs[late].error["code"] == "timeout"
+    logs = worker.tail(200)
+    assert jobs[going].status == "succeeded", (jobs[going].error, logs)
+    assert jobs[going].attempts == 1 and jobs[waiting].status == "succeeded", logs
+
+
+def _submit_long(client: httpx.Client, max_tokens: int, timeout: int | None = None) -> str:
+    body = {"prompt": "def main():", "temperature": 0, "max_tokens": max_tokens}
+    job = {"model": "long", "endpoint": "/v1/completions", "body": body}
+    r = client.post("/v1/jobs", json={**job, **({"timeout": timeout} if timeout else {})})
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def _statuses(stack: Stack, ids: list[str]) -> list[str]:
+    return [str(j.status) for j in stack.jobs(ids)]

@@ -6,29 +6,30 @@ the store. A job is claimed (the conditional UPDATE with a lease, `lmqueue.jobs.
 when it enters a slot, so a job cancelled or expired while it waits never runs, the store never
 shows more jobs `running` than there are slots, and `attempts` counts real starts.
 
-Results are stored as rows finish, by a writer thread that groups them (one transaction per few
-milliseconds), then each waiting task thread is released: its message is acked when all its
-jobs are stored, failed or skipped. A watcher thread polls the store for running jobs that were
-cancelled (by the API, or their batch was cancelled or expired) and hands them to the loop, which
-drops them within a step or two.
+Results are stored as rows finish, by a writer thread that groups them (worker.loop_writer: one
+transaction per few milliseconds), then each waiting task thread is released: its message is
+acked when all its jobs are stored, failed or skipped. A watcher thread polls the store for
+running jobs that were cancelled (by the API, or their batch was cancelled or expired) and hands
+them to the loop, which drops them within a step or two.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from lmqueue.db import session_scope
-from lmqueue.transitions import Outcome, claim_jobs, store_outcomes, time_out
+from lmqueue.transitions import Outcome, claim_jobs, time_out
 from worker.backends.base import Backend, StepOutput
 from worker.gen_types import RequestError, TokenEvent
 from worker.loop_parts import StepStats, TokenHook, engine_error, finished_outcome
+from worker.loop_writer import ResultWriter, Waiting, resolve
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -36,21 +37,8 @@ R = TypeVar("R")
 # waiting jobs out (they count as running until stored). A write takes milliseconds; not
 # waiting leaves those slots empty for a whole step.
 STORE_WAIT_S = 0.05
-
-
-@dataclass
-class Waiting:
-    """A job offered by a task thread, not yet claimed."""
-
-    job_id: str
-    endpoint: str
-    request: Any  # the backend's prepared request, or the RequestError preparing it raised
-    priority: int = 5
-    created_at: float | None = None
-    deadline_at: float | None = None
-    done: Future[None] = field(default_factory=Future)
-    started_at: float | None = None
-    seq: int = 0
+# The longest pause between two admission attempts while the store is unreachable.
+STORE_BACKOFF_MAX_S = 5.0
 
 
 class WorkerLoop:
@@ -76,14 +64,16 @@ class WorkerLoop:
         self._offering: list[list[Waiting]] = []  # offers blocked until the list has room
         self._running: dict[str, Waiting] = {}
         self._storing = 0  # finished jobs not yet written: still `running` in the store
+        self._store_backoff = 0.0  # seconds; grows while the store is unreachable
+        self._store_retry_at = 0.0  # monotonic time of the next admission attempt
         self._cancel: set[str] = set()
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._stopping = False
         self._seq = 0
-        self._writes: queue.Queue[tuple[list[Outcome], list[Waiting]] | None] = queue.Queue()
+        self._writer = ResultWriter(worker, self.on_outcomes, self._stored)
         self._threads = [
             threading.Thread(target=self._run, name="slot-loop", daemon=True),
-            threading.Thread(target=self._write_loop, name="result-writer", daemon=True),
+            self._writer.thread,
         ]
 
     # ---- task threads ---------------------------------------------------------------------
@@ -122,7 +112,7 @@ class WorkerLoop:
         fresh: list[Waiting] = []
         for item in items:
             if item.job_id in held:
-                _resolve(item)
+                resolve(item)
                 continue
             held.add(item.job_id)
             fresh.append(item)
@@ -172,8 +162,7 @@ class WorkerLoop:
             self._stopping = True
             self._cond.notify_all()
         self._threads[0].join(max(0.1, deadline - time.monotonic()))
-        self._writes.put(None)
-        self._threads[1].join(max(0.1, deadline - time.monotonic()))
+        self._writer.close(max(0.1, deadline - time.monotonic()))
 
     # ---- the loop thread ------------------------------------------------------------------
 
@@ -202,8 +191,7 @@ class WorkerLoop:
     def _one_step(self, cancels: set[str]) -> bool:
         """Drop, expire, admit, step. False when there was nothing to compute."""
         self._drop(cancels)
-        self._expire()
-        self._admit()
+        self._expire_and_admit()
         if self.backend.idle():
             return False
         t0 = time.perf_counter()
@@ -235,8 +223,28 @@ class WorkerLoop:
             self._waiting = [w for w in self._waiting if w.job_id not in cancels]
             self._cond.notify_all()
         for w in gone:
-            _resolve(w)
+            resolve(w)
         self.backend.cancel(cancels & set(self._running))
+
+    def _expire_and_admit(self) -> None:
+        """Both need the store. While it is unreachable they pause, retried with backoff, and
+        the running rows keep decoding (the writer holds their results until it is back): an
+        outage of the store is no reason to fail work that is computing fine."""
+        if time.monotonic() < self._store_retry_at:
+            return
+        try:
+            self._expire()
+            self._admit()
+        except SQLAlchemyError as exc:
+            self._store_backoff = min(STORE_BACKOFF_MAX_S, max(0.25, 2 * self._store_backoff))
+            self._store_retry_at = time.monotonic() + self._store_backoff
+            log.warning(
+                "the store is unreachable; admission paused for %.2f s: %s",
+                self._store_backoff,
+                str(exc).splitlines()[0],
+            )
+            return
+        self._store_backoff = 0.0
 
     def _expire(self) -> None:
         """Running jobs past their deadline fail (the timeout transition) and leave their slot
@@ -270,15 +278,20 @@ class WorkerLoop:
             self._cond.notify_all()
         now = time.time()
         late = [w.job_id for w in picked if w.deadline_at is not None and now > w.deadline_at]
-        with session_scope() as session:
-            if late:  # expired while waiting: fail them instead of starting them
-                time_out(session, now, late)
-            ids = [w.job_id for w in picked if w.job_id not in late]
-            claimed = {j.id for j in claim_jobs(session, ids, self.worker, self.lease_s)}
+        try:
+            with session_scope() as session:
+                if late:  # expired while waiting: fail them instead of starting them
+                    time_out(session, now, late)
+                ids = [w.job_id for w in picked if w.job_id not in late]
+                claimed = {j.id for j in claim_jobs(session, ids, self.worker, self.lease_s)}
+        except Exception:  # nothing was claimed: they wait again (their tasks still wait)
+            with self._cond:
+                self._waiting = picked + self._waiting
+            raise
         failed: list[tuple[str, Outcome]] = []
         for w in picked:
             if w.job_id not in claimed:  # finished, cancelled or running elsewhere: skip it
-                _resolve(w)
+                resolve(w)
                 continue
             w.started_at = now
             with self._cond:
@@ -295,7 +308,11 @@ class WorkerLoop:
     def _admit_one(self, w: Waiting) -> dict[str, Any] | None:
         if isinstance(w.request, RequestError):
             return self._outcome(w.job_id, w.request).error
-        err = self.backend.admit(w.job_id, w.request)
+        try:
+            err = self.backend.admit(w.job_id, w.request)
+        except Exception as exc:  # this request's failure, not its batch-mates'
+            log.exception("admitting job %s failed", w.job_id)
+            return engine_error(f"the request could not start on this worker: {exc}")
         return None if err is None else self._outcome(w.job_id, err).error
 
     def _finish(self, done: list[tuple[str, Outcome]]) -> None:
@@ -310,14 +327,20 @@ class WorkerLoop:
                     items.append(w)
             self._storing += len(items)
         if items:
-            self._writes.put((outcomes, items))
+            self._writer.put(outcomes, items)
+
+    def _stored(self, n: int) -> None:
+        """The writer stored `n` finished jobs: they no longer count as running."""
+        with self._cond:
+            self._storing -= n
+            self._cond.notify_all()
 
     def _release(self, key: str) -> None:
         with self._cond:
             w = self._running.pop(key, None)
             self._cond.notify_all()
         if w is not None:
-            _resolve(w)
+            resolve(w)
 
     def _fail_running(self, message: str) -> None:
         with self._cond:
@@ -331,45 +354,6 @@ class WorkerLoop:
         except Exception:  # streaming is best effort: the stored result is the truth
             log.exception("token hook failed")
 
-    # ---- the writer thread ----------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        while True:
-            first = self._writes.get()
-            if first is None:
-                return
-            outcomes, items = list(first[0]), list(first[1])
-            while True:  # take whatever else finished meanwhile: one transaction for all
-                try:
-                    more = self._writes.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._writes.put(None)
-                    break
-                outcomes += more[0]
-                items += more[1]
-            self._store(outcomes, items)
-
-    def _store(self, outcomes: list[Outcome], items: list[Waiting]) -> None:
-        for attempt in range(8):
-            try:
-                with session_scope() as session:
-                    store_outcomes(session, outcomes, self.worker)
-                break
-            except Exception:  # the store is down: retry, the leases outlive the wait
-                log.exception("storing %d results failed (attempt %d)", len(outcomes), attempt)
-                time.sleep(min(30.0, 0.5 * 2**attempt))
-        try:
-            self.on_outcomes(outcomes, items)
-        except Exception:
-            log.exception("outcome hook failed")
-        for w in items:
-            _resolve(w)
-        with self._cond:
-            self._storing -= len(items)
-            self._cond.notify_all()
-
 
 def _run_calls(calls: list[tuple[Callable[[], Any], Future[Any]]]) -> None:
     for fn, done in calls:
@@ -377,8 +361,3 @@ def _run_calls(calls: list[tuple[Callable[[], Any], Future[Any]]]) -> None:
             done.set_result(fn())
         except Exception as exc:  # the caller's error, raised in the caller's thread
             done.set_exception(exc)
-
-
-def _resolve(w: Waiting) -> None:
-    if not w.done.done():
-        w.done.set_result(None)

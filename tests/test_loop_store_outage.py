@@ -1,0 +1,94 @@
+"""The loop when the store or one request misbehaves at admission (unit test: a counting
+backend, the store's claim replaced). A store that cannot be reached pauses admission and
+running rows go on; before, the step "failed as a whole": every running row was failed with
+an engine error and the jobs picked for admission were dropped unresolved, their task threads
+waiting forever. The real outage (Postgres cut under a running worker) is in
+test_outages.py."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+import worker.loop as loop_mod
+from worker.loop import Waiting, WorkerLoop
+
+
+class _Slots:
+    admit_batch = 1
+
+    def __init__(self, refuse: str = "") -> None:
+        self.admitted: list[str] = []
+        self.refuse = refuse
+
+    def capacity(self) -> int:
+        return 4 - len(self.admitted)
+
+    def idle(self) -> bool:
+        return not self.admitted
+
+    def admit(self, key: str, request: Any) -> None:
+        if key == self.refuse:
+            raise ValueError("a request this backend chokes on")
+        self.admitted.append(key)
+
+
+class _Store:
+    """claim_jobs that fails while `down`, as psycopg does when Postgres is unreachable."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def claim(self, _session: Any, ids: list[str], *_: Any) -> list[SimpleNamespace]:
+        if self.down:
+            raise OperationalError("UPDATE jobs ...", {}, Exception("connection refused"))
+        return [SimpleNamespace(id=i) for i in ids]
+
+
+@pytest.fixture
+def store(monkeypatch: pytest.MonkeyPatch) -> _Store:
+    @contextlib.contextmanager
+    def no_store() -> Iterator[None]:
+        yield None
+
+    st = _Store()
+    monkeypatch.setattr(loop_mod, "session_scope", no_store)
+    monkeypatch.setattr(loop_mod, "claim_jobs", st.claim)
+    return st
+
+
+def _loop(backend: _Slots, n: int) -> WorkerLoop:
+    wl = WorkerLoop(backend, "m", "w", lease_s=60, hold=8)  # type: ignore[arg-type]
+    wl._waiting = [Waiting(f"j{i}", "/v1/completions", object(), seq=i) for i in range(n)]
+    return wl
+
+
+def test_store_down_pauses_admission_and_keeps_the_jobs_waiting(store: _Store) -> None:
+    wl = _loop(_Slots(), 3)
+    wl._running["r0"] = Waiting("r0", "/v1/completions", object())  # a row computing
+    store.down = True
+    wl._expire_and_admit()
+    assert [w.job_id for w in wl._waiting] == ["j0", "j1", "j2"]  # nothing lost
+    assert list(wl._running) == ["r0"] and wl._writer._writes.empty()  # nothing failed
+    assert wl._store_backoff > 0
+    wl._expire_and_admit()  # within the backoff: not even tried
+    store.down = False
+    wl._store_retry_at = 0.0  # the backoff has passed
+    wl._expire_and_admit()
+    assert wl.backend.admitted == ["j0", "j1", "j2"]  # type: ignore[attr-defined]
+    assert wl._store_backoff == 0.0
+
+
+def test_a_request_the_backend_refuses_fails_alone(store: _Store) -> None:
+    wl = _loop(_Slots(refuse="j1"), 3)
+    wl._admit()
+    assert wl.backend.admitted == ["j0", "j2"]  # type: ignore[attr-defined]
+    outcomes, items = wl._writer._writes.get_nowait()  # type: ignore[misc]
+    assert [o.job_id for o in outcomes] == ["j1"] and [w.job_id for w in items] == ["j1"]
+    assert outcomes[0].error is not None
+    assert "could not start" in str(outcomes[0].error)

@@ -1,0 +1,94 @@
+"""The loop's writer thread: stores finished jobs' outcomes, grouped (whatever finished while
+the previous transaction ran goes into the next one), then releases the task threads waiting on
+them, so each message is acked once all its jobs are stored."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmqueue.db import session_scope
+from lmqueue.transitions import Outcome, store_outcomes
+
+log = logging.getLogger(__name__)
+
+OutcomeHook = Callable[[list[Outcome], list["Waiting"]], None]
+
+
+@dataclass
+class Waiting:
+    """A job offered by a task thread, not yet claimed."""
+
+    job_id: str
+    endpoint: str
+    request: Any  # the backend's prepared request, or the RequestError preparing it raised
+    priority: int = 5
+    created_at: float | None = None
+    deadline_at: float | None = None
+    done: Future[None] = field(default_factory=Future)
+    started_at: float | None = None
+    seq: int = 0
+
+
+def resolve(w: Waiting) -> None:
+    """Release the task thread waiting on `w` (its message may be acked)."""
+    if not w.done.done():
+        w.done.set_result(None)
+
+
+class ResultWriter:
+    def __init__(
+        self, worker: str, on_outcomes: OutcomeHook, on_stored: Callable[[int], None]
+    ) -> None:
+        self.worker, self.on_outcomes, self.on_stored = worker, on_outcomes, on_stored
+        self._writes: queue.Queue[tuple[list[Outcome], list[Waiting]] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
+
+    def put(self, outcomes: list[Outcome], items: list[Waiting]) -> None:
+        self._writes.put((outcomes, items))
+
+    def close(self, timeout_s: float) -> None:
+        """Store what is queued, then end the thread."""
+        self._writes.put(None)
+        self.thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            first = self._writes.get()
+            if first is None:
+                return
+            outcomes, items = list(first[0]), list(first[1])
+            while True:  # take whatever else finished meanwhile: one transaction for all
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._writes.put(None)
+                    break
+                outcomes += more[0]
+                items += more[1]
+            self._store(outcomes, items)
+
+    def _store(self, outcomes: list[Outcome], items: list[Waiting]) -> None:
+        for attempt in range(8):
+            try:
+                with session_scope() as session:
+                    store_outcomes(session, outcomes, self.worker)
+                break
+            except Exception:  # the store is down: retry, the leases outlive the wait
+                log.exception("storing %d results failed (attempt %d)", len(outcomes), attempt)
+                time.sleep(min(30.0, 0.5 * 2**attempt))
+        try:
+            self.on_outcomes(outcomes, items)
+        except Exception:
+            log.exception("outcome hook failed")
+        for w in items:
+            resolve(w)
+        self.on_stored(len(items))
