@@ -3,7 +3,9 @@ backend, the store's claim replaced). A store that cannot be reached pauses admi
 running rows go on; before, the step "failed as a whole": every running row was failed with
 an engine error and the jobs picked for admission were dropped unresolved, their task threads
 waiting forever. The real outage (Postgres cut under a running worker) is in
-test_outages.py."""
+test_outages.py. And a step that fails beyond repair (cancel raising too) fails its rows without
+killing the loop thread: a dead loop left a worker that heartbeats, renews its jobs' leases and
+takes messages, so nothing it held was ever recovered."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 import worker.loop as loop_mod
+import worker.loop_writer as writer_mod
 from worker.loop import Waiting, WorkerLoop
 
 
@@ -43,6 +46,7 @@ class _Store:
 
     def __init__(self) -> None:
         self.down = False
+        self.stored: list[Any] = []  # what the writer stored
 
     def claim(self, _session: Any, ids: list[str], *_: Any) -> list[SimpleNamespace]:
         if self.down:
@@ -59,6 +63,10 @@ def store(monkeypatch: pytest.MonkeyPatch) -> _Store:
     st = _Store()
     monkeypatch.setattr(loop_mod, "session_scope", no_store)
     monkeypatch.setattr(loop_mod, "claim_jobs", st.claim)
+    monkeypatch.setattr(writer_mod, "session_scope", no_store)
+    monkeypatch.setattr(
+        writer_mod, "store_outcomes", lambda _s, outcomes, _w: st.stored.extend(outcomes)
+    )
     return st
 
 
@@ -92,3 +100,26 @@ def test_a_request_the_backend_refuses_fails_alone(store: _Store) -> None:
     assert [o.job_id for o in outcomes] == ["j1"] and [w.job_id for w in items] == ["j1"]
     assert outcomes[0].error is not None
     assert "could not start" in str(outcomes[0].error)
+
+
+class _Broken(_Slots):
+    """A backend whose step and cancel both raise (a device gone bad)."""
+
+    def step(self) -> None:
+        raise RuntimeError("the step blew up")
+
+    def cancel(self, keys: Any) -> None:
+        raise RuntimeError("and so did cancel")
+
+
+def test_a_step_failing_beyond_repair_fails_its_rows_and_the_loop_lives_on(store: _Store) -> None:
+    wl = _loop(_Broken(), 1)
+    w = wl._waiting[0]
+    wl.start()
+    try:
+        w.done.result(timeout=10)  # failed and stored
+        assert [o.job_id for o in store.stored] == ["j0"]
+        assert "the step blew up" in str(store.stored[0].error)
+        assert wl._threads[0].is_alive()
+    finally:
+        wl.stop(timeout_s=5)

@@ -345,7 +345,10 @@ class WorkerLoop:
     def _fail_running(self, message: str) -> None:
         with self._cond:
             keys = list(self._running)
-        self.backend.cancel(keys)
+        try:
+            self.backend.cancel(keys)
+        except Exception:  # the rows fail all the same; the loop thread must not die of it
+            log.exception("cancelling %d failed rows failed", len(keys))
         self._finish([(k, Outcome(k, error=engine_error(message))) for k in keys])
 
     def _publish(self, events: list[TokenEvent]) -> None:
