@@ -1,6 +1,8 @@
 """The loop's writer thread: stores finished jobs' outcomes, grouped (whatever finished while
 the previous transaction ran goes into the next one), then releases the task threads waiting on
-them, so each message is acked once all its jobs are stored."""
+them, so each message is acked once all its jobs are stored. `Waiting` (a job a task thread
+offered, and the future its thread waits on) lives here because the loop and the writer both
+pass it; `worker.loop` re-exports it."""
 
 from __future__ import annotations
 
