@@ -4,10 +4,11 @@ what retention says is due (scheduler.housekeeping)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -35,6 +36,33 @@ def limits_from(settings: Settings) -> Limits:
         upscale_delay_s=settings.scheduler_upscale_delay_s,
         downscale_delay_s=settings.scheduler_downscale_delay_s,
     )
+
+
+SLOW_TICK_S = 2.0  # a pass this long delays dead-worker recovery by as much: say so in the log
+
+
+class TickTimer:
+    """Times the parts of one reconcile pass (a histogram per part, and a log line when the
+    pass was slow enough to delay recovery)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            took = time.monotonic() - started
+            self.parts[part] = took
+            metrics.TICK_SECONDS.labels(part).observe(took)
+
+    def warn_if_slow(self, limit_s: float) -> None:
+        total = sum(self.parts.values())
+        if total > limit_s:
+            spent = ", ".join(f"{p} {s:.2f}s" for p, s in self.parts.items())
+            log.warning("slow scheduler pass: %.2fs (%s)", total, spent)
 
 
 @dataclass(frozen=True)
@@ -146,17 +174,23 @@ class Scheduler:
 
     def tick(self, t: float | None = None) -> list[Decision]:
         t = time.time() if t is None else t
-        lost = self._notice_dead_workers()
-        recovered = self.reaper.run_once(t) if self.reaper is not None else {}
+        timer = TickTimer()
+        with timer("poll"):
+            lost = self._notice_dead_workers()
+        with timer("reaper"):
+            recovered = self.reaper.run_once(t) if self.reaper is not None else {}
         for reason, n in recovered.items():
             if n:
                 metrics.RECOVERED.labels(reason).inc(n)
-        with session_scope() as session:
-            backlogs = measure(self.client, session, self.queues)
-        decisions = [self.scalers[m].step(backlogs[m], t) for m in self.scalers]
-        self._record(decisions, lost)
-        self.summary.tick(t, decisions)
-        self.housekeeper.run_once(t)
+        with timer("scale"):
+            with session_scope() as session:
+                backlogs = measure(self.client, session, self.queues)
+            decisions = [self.scalers[m].step(backlogs[m], t) for m in self.scalers]
+            self._record(decisions, lost)
+            self.summary.tick(t, decisions)
+        with timer("housekeeping"):
+            self.housekeeper.run_once(t)
+        timer.warn_if_slow(max(SLOW_TICK_S, 4 * self.settings.scheduler_interval_s))
         return decisions
 
     def _notice_dead_workers(self) -> dict[str, list[str]]:

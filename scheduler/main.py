@@ -6,6 +6,7 @@ Light at import time: the CLI imports this module to register its subcommand.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -55,6 +56,8 @@ def run(pool: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # `kill -USR1 <pid>` writes every thread's stack to the log: a stuck pass can be read.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         metrics.serve(settings.scheduler_metrics_port)
         status(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,12 @@ RECOVERED = Counter(
 )
 SCALE_ACTIONS = Counter(
     "lmqueue_scheduler_scale_actions", "Scaling actions taken", ["model", "direction"]
+)
+TICK_SECONDS = Histogram(
+    "lmqueue_scheduler_tick_seconds",
+    "Duration of one reconcile pass, by part (dead-worker poll, reaper, scaling, housekeeping)",
+    ["part"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
 TICK_ERRORS = Counter("lmqueue_scheduler_tick_errors", "Reconcile passes that raised")
 PURGED_ROWS = Counter(

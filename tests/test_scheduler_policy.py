@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,7 +15,7 @@ from scheduler.backends.base import Backend
 from scheduler.backends.compose import ComposeBackend
 from scheduler.backends.kubernetes import KubernetesBackend, deployment_name
 from scheduler.backlog import Backlog
-from scheduler.loop import ModelScaler
+from scheduler.loop import ModelScaler, TickTimer
 from scheduler.policy import Hysteresis, Limits, desired_workers
 
 pytestmark = pytest.mark.timeout(30)
@@ -277,3 +278,17 @@ def test_keda_example_watches_every_priority_list_of_the_queue() -> None:
     (prom,) = scaled["lmqueue-worker-chat"]["spec"]["triggers"]
     assert 'lmqueue_scheduler_backlog{model="chat"}' in prom["metadata"]["query"]
     assert int(prom["metadata"]["threshold"]) == Settings().effective_concurrency()
+
+
+def test_a_slow_reconcile_pass_is_logged_with_its_parts(caplog: pytest.LogCaptureFixture) -> None:
+    timer = TickTimer()
+    with timer("poll"):
+        pass
+    with timer("reaper"):
+        time.sleep(0.02)
+    timer.warn_if_slow(60.0)
+    assert not caplog.records  # a pass within the limit says nothing
+    timer.warn_if_slow(0.01)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "slow scheduler pass" in record.message and "reaper 0.0" in record.message
