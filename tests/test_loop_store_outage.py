@@ -123,3 +123,26 @@ def test_a_step_failing_beyond_repair_fails_its_rows_and_the_loop_lives_on(store
         assert wl._threads[0].is_alive()
     finally:
         wl.stop(timeout_s=5)
+
+
+def test_the_writer_rides_out_about_90_s_then_gives_up_without_a_last_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unreachable(*_: Any) -> None:
+        raise OperationalError("INSERT ...", {}, Exception("connection refused"))
+
+    @contextlib.contextmanager
+    def no_store() -> Iterator[None]:
+        yield None
+
+    waits: list[float] = []
+    monkeypatch.setattr(writer_mod, "session_scope", no_store)
+    monkeypatch.setattr(writer_mod, "store_outcomes", unreachable)
+    monkeypatch.setattr(writer_mod, "time", SimpleNamespace(sleep=waits.append))
+    stored: list[int] = []
+    writer = writer_mod.ResultWriter("w", lambda *_: None, stored.append)
+    item = Waiting("j1", "/v1/completions", object())
+    writer._store([], [item])
+    assert len(waits) == writer_mod.STORE_ATTEMPTS - 1  # between attempts, none after the last
+    assert sum(waits) == pytest.approx(91.5)
+    assert item.done.done() and stored == [1]  # its task thread is released all the same

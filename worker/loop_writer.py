@@ -19,6 +19,9 @@ from lmqueue.db import session_scope
 from lmqueue.transitions import Outcome, store_outcomes
 
 log = logging.getLogger(__name__)
+# Waits between attempts 0.5, 1, 2 ... 30, 30 s: about 90 s of store outage is ridden out
+# before the results are given up (their leases lapse; recovery runs the jobs again).
+STORE_ATTEMPTS = 9
 
 OutcomeHook = Callable[[list[Outcome], list["Waiting"]], None]
 
@@ -79,14 +82,20 @@ class ResultWriter:
             self._store(outcomes, items)
 
     def _store(self, outcomes: list[Outcome], items: list[Waiting]) -> None:
-        for attempt in range(8):
+        for attempt in range(STORE_ATTEMPTS):
             try:
                 with session_scope() as session:
                     store_outcomes(session, outcomes, self.worker)
                 break
             except Exception:  # the store is down: retry, the leases outlive the wait
                 log.exception("storing %d results failed (attempt %d)", len(outcomes), attempt)
-                time.sleep(min(30.0, 0.5 * 2**attempt))
+                if attempt + 1 < STORE_ATTEMPTS:  # no wait after the last one: nothing follows
+                    time.sleep(min(30.0, 0.5 * 2**attempt))
+        else:
+            log.error(
+                "gave up storing %d results: their leases lapse and recovery runs them again",
+                len(outcomes),
+            )
         try:
             self.on_outcomes(outcomes, items)
         except Exception:
