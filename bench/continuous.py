@@ -34,9 +34,9 @@ def workload(engine: Engine, prompts: list[list[int]], seed: int = 0) -> list[Ge
 
 def run_slots(
     engine: Engine, reqs: list[GenRequest], slots: int, budget: int, admit_batch: int = 0
-) -> tuple[list[GenResult], float, dict[int, list[float]]]:
-    """(i): everything waiting at once, admitted as slots free; returns results, wall time and
-    the decode-only step times by live rows."""
+) -> tuple[list[GenResult], float, dict[int, list[float]], int]:
+    """(i): everything waiting at once, admitted as slots free; returns results, wall time,
+    the decode-only step times by live rows, and the number of steps."""
     loop = engine.slots(slots, budget, admit_batch)
     for i, req in enumerate(reqs):
         assert loop.admit(str(i), req) is None
@@ -51,7 +51,7 @@ def run_slots(
         for key, res in out.finished:
             assert isinstance(res, GenResult), res
             results[int(key)] = res
-    return [results[i] for i in range(len(reqs))], time.perf_counter() - t0, steps
+    return [results[i] for i in range(len(reqs))], time.perf_counter() - t0, steps, loop.steps
 
 
 def run_static(engine: Engine, reqs: list[GenRequest], slots: int) -> tuple[list[GenResult], float]:
@@ -144,7 +144,7 @@ def part_continuous(engine: Engine, prompts: list[list[int]], args: Any, row: Ro
     slots, budget, group = args.slots, args.prefill_budget, args.admit_batch
     reqs = workload(engine, prompts)
     run_slots(engine, reqs[:4], slots, budget)  # warm-up
-    ours, t_i, steps = run_slots(engine, reqs, slots, budget, group)
+    ours, t_i, steps, _ = run_slots(engine, reqs, slots, budget, group)
     static, t_ii = run_static(engine, reqs, slots)
     n_tokens = sum(r.completion_tokens for r in ours)
     same = sum(a.token_ids == b.token_ids for a, b in zip(ours, static, strict=True))
@@ -166,7 +166,7 @@ def part_continuous(engine: Engine, prompts: list[list[int]], args: Any, row: Ro
 
     sub = reqs[: args.cb_prompts]
     tok_iii, t_iii = run_hf_continuous(engine, sub)
-    _, t_sub, _ = run_slots(engine, sub, slots, budget, group)
+    _, t_sub, _, _ = run_slots(engine, sub, slots, budget, group)
     tok_sub = sum(r.completion_tokens for r in ours[: len(sub)])
     rate_iii, rate_sub = tok_iii / t_iii, tok_sub / t_sub
     print(

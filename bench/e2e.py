@@ -34,10 +34,12 @@ from bench.continuous import run_slots, workload
 from cli.procs import wait_until
 from cli.stack import Stack
 from lmqueue.registry import ModelSpec
+from lmqueue.schemas import COMPLETIONS
 from lmqueue.settings import Settings
 from worker.engine import Engine
 from worker.gen_types import GenRequest
 from worker.loading import load_engine
+from worker.requests import gen_request
 
 
 def free_port() -> int:
@@ -89,6 +91,7 @@ class Alone:
 
     seconds: float
     steal: float
+    steps: int
 
 
 @dataclass
@@ -106,10 +109,10 @@ class Served:
     steal: float
 
 
-def run_alone(run: Callable[[], float]) -> Alone:
+def run_alone(run: Callable[[], tuple[float, int]]) -> Alone:
     s0 = stolen()
-    seconds = run()
-    return Alone(seconds, steal_pct(s0, stolen()))
+    seconds, steps = run()
+    return Alone(seconds, steal_pct(s0, stolen()), steps)
 
 
 def run_served(
@@ -170,18 +173,22 @@ def main() -> None:
     assert isinstance(engine, Engine)
     tok = engine.tokenizer
     prompts = mixed_prompts(tok, args.requests)
-    reqs: list[GenRequest] = workload(engine, [tok(p).input_ids for p in prompts])
-    bodies = [{"prompt": p, "max_tokens": r.max_tokens} for p, r in zip(prompts, reqs, strict=True)]
-    probe_prompts = prompts[: args.probes]
-    probes = [{"prompt": p, "max_tokens": 1} for p in probe_prompts]
-    # (a) runs the probes too: (b) does their prefill and one token each as well.
-    reqs += [GenRequest(tok(p).input_ids, 1, temperature=0.0) for p in probe_prompts]
+    budgets = [r.max_tokens for r in workload(engine, [tok(p).input_ids for p in prompts])]
+    bodies = [{"prompt": p, "max_tokens": n} for p, n in zip(prompts, budgets, strict=True)]
+    probes = [{"prompt": p, "max_tokens": 1} for p in prompts[: args.probes]]
+    # (b) gets the very requests the worker makes of (a)'s bodies (its tokenization, BOS
+    # included), the probes too: both phases do the same work.
+    reqs: list[GenRequest] = [
+        gen_request(engine, COMPLETIONS, {"model": "bench", "temperature": 0, **body})
+        for body in bodies + probes
+    ]
     run_slots(engine, reqs[:4], slots, budget, group)  # warm-up
-    results, _, decode_b = run_slots(engine, reqs, slots, budget, group)
+    results, _, decode_b, _ = run_slots(engine, reqs, slots, budget, group)
     tokens_b = sum(r.completion_tokens for r in results)
 
-    def alone() -> float:
-        return run_slots(engine, reqs, slots, budget, group)[1]
+    def alone() -> tuple[float, int]:
+        _, seconds, _, steps = run_slots(engine, reqs, slots, budget, group)
+        return seconds, steps
 
     port = free_port()
     env = {"LMQUEUE_WORKER_METRICS_PORT": str(port)}
@@ -218,6 +225,11 @@ def report_round(r: int, a: Served, before: Alone, after: Alone, tokens_b: int, 
         f"run {a.rows_all:.1f}; worker {a.steps:.0f} steps, {a.busy_s:.1f} s of "
         f"{a.seconds:.1f} s inside a step ({1000 * a.busy_s / max(1, a.steps):.0f} ms a step); "
         f"probes' submit -> first token p50 {statistics.median(a.first_token):.1f} s"
+    )
+    alone_ms = [1000 * x.seconds / max(1, x.steps) for x in (before, after)]
+    print(
+        f"  (b) {before.steps} / {after.steps} steps, "
+        f"{alone_ms[0]:.0f} / {alone_ms[1]:.0f} ms a step (before / after)"
     )
 
 
