@@ -231,6 +231,9 @@ class WebhookEndpoint(Base):
     url: Mapped[str] = mapped_column(Text, nullable=False)
     events: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
     secret: Mapped[str] = mapped_column(String(100), nullable=False)
+    # After a rotation the old secret signs too, until it expires (a receiver being updated).
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_expires_at: Mapped[float | None] = mapped_column(Float)
     description: Mapped[str] = mapped_column(String(500), default="", nullable=False)
     created_at: Mapped[float] = mapped_column(Float, default=now, nullable=False)
     # Events of objects finished up to here were turned into deliveries (lmqueue.webhooks).

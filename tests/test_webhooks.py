@@ -4,6 +4,7 @@ receiver that verifies every delivery with the `standardwebhooks` library."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,9 +111,16 @@ def test_retries_keep_the_webhook_id_and_every_attempt_is_recorded(
 def test_batch_completed_event_and_rotated_secret(hook_stack: Stack, rx: Receiver) -> None:
     with hook_stack.client() as client:
         ep = register(client, rx.url, events=["batch.completed", "batch.cancelled"])
-        old = ep["secret"]
-        rotated = client.post(f"/v1/webhook_endpoints/{ep['id']}/rotate_secret").json()
-        assert rotated["secret"] != old
+        first = ep["secret"]
+        # Rotated twice: the first secret is dropped at once (expire_previous_in 0); the second
+        # keeps signing for the default grace beside the newest.
+        url = f"/v1/webhook_endpoints/{ep['id']}/rotate_secret"
+        bad = client.post(url, json={"expire_previous_in": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "expire_previous_in"
+        second = client.post(url, json={"expire_previous_in": 0}).json()
+        assert second["secret"] != first and "previous_secret_expires_at" not in second
+        rotated = client.post(url).json()
+        assert rotated["previous_secret_expires_at"] > time.time() + 23 * 3600
         listed = client.get("/v1/webhook_endpoints").json()["data"]
         assert ep["id"] in [e["id"] for e in listed]
         assert all("secret" not in e for e in listed)  # shown only when created or rotated
@@ -125,8 +133,9 @@ def test_batch_completed_event_and_rotated_secret(hook_stack: Stack, rx: Receive
         event = verified(rotated["secret"], got)
         assert event["data"]["id"] == batch.id  # type: ignore[index]
         assert event["data"]["request_counts"]["completed"] == 3  # type: ignore[index]
+        assert verified(second["secret"], got) == event  # still in its grace
         with pytest.raises(WebhookVerificationError):
-            Webhook(old).verify(got.body, got.headers)
+            Webhook(first).verify(got.body, got.headers)
         print(f"batch.completed delivered {got.at - done.completed_at:.2f}s after completed_at")
         client.delete(f"/v1/webhook_endpoints/{ep['id']}")
         assert client.get(f"/v1/webhook_endpoints/{ep['id']}").status_code == 404
@@ -174,9 +183,37 @@ def test_payload_is_the_signed_bytes() -> None:
 
     secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     body = json.dumps({"type": "job.succeeded", "data": {"id": "job_1"}})
-    headers = signed_headers(secret, "msg_1", body, 1_700_000_000)
+    headers = signed_headers([secret], "msg_1", body, 1_700_000_000)
     wh = Webhook(secret)
     with pytest.raises(WebhookVerificationError):
         wh.verify(body, headers)  # too old: the library checks the timestamp's age
-    fresh = signed_headers(secret, "msg_1", body, __import__("time").time())
+    fresh = signed_headers([secret], "msg_1", body, __import__("time").time())
     assert wh.verify(body, fresh)["data"]["id"] == "job_1"
+
+
+def test_during_a_rotation_both_secrets_sign_and_either_verifies() -> None:
+    from lmqueue.webhooks.deliver import signed_headers
+    from lmqueue.webhooks.endpoints import new_secret
+
+    old, new = new_secret(), new_secret()
+    body = json.dumps({"type": "job.succeeded", "data": {"id": "job_1"}})
+    headers = signed_headers([new, old], "msg_1", body, __import__("time").time())
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (new, old):
+        assert Webhook(secret).verify(body, headers)["data"]["id"] == "job_1"
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_secret()).verify(body, headers)
+
+
+def test_the_previous_secret_signs_until_its_grace_ends() -> None:
+    from lmqueue.tables import WebhookEndpoint
+    from lmqueue.webhooks.endpoints import rotate_secret, signing_secrets
+
+    ep = WebhookEndpoint(secret="whsec_first")
+    rotate_secret(ep, grace_s=60)
+    t = time.time()
+    assert signing_secrets(ep, t) == [ep.secret, "whsec_first"]
+    assert signing_secrets(ep, t + 61) == [ep.secret]  # the grace is over
+    second = ep.secret
+    rotate_secret(ep, grace_s=0)
+    assert signing_secrets(ep, t) == [ep.secret] and ep.secret != second

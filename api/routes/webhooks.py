@@ -113,14 +113,26 @@ def delete_endpoint(
     return {"id": endpoint_id, "object": "webhook_endpoint.deleted", "deleted": True}
 
 
+class RotateSecret(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expire_previous_in: float = Field(
+        default=hooks.ROTATION_GRACE_S,
+        ge=0,
+        le=hooks.ROTATION_GRACE_MAX_S,
+        description="seconds the old secret keeps signing (beside the new one); 0: stop now",
+    )
+
+
 @router.post("/v1/webhook_endpoints/{endpoint_id}/rotate_secret")
 def rotate_secret(
     endpoint_id: str,
     session: Annotated[Session, Depends(get_session, scope="function")],
     owner: Annotated[str, Depends(get_owner)],
+    req: RotateSecret | None = None,
 ) -> dict[str, Any]:
     ep = _load(session, owner, endpoint_id)
-    hooks.rotate_secret(ep)
+    hooks.rotate_secret(ep, (req or RotateSecret()).expire_previous_in)
     return hooks.endpoint_to_dict(ep, with_secret=True)
 
 

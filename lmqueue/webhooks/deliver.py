@@ -10,6 +10,7 @@ conditional UPDATE before it is sent, so two scheduler processes never send it a
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,6 +23,7 @@ from lmqueue.db import session_scope
 from lmqueue.metrics import WEBHOOK_ATTEMPTS
 from lmqueue.settings import Settings
 from lmqueue.tables import WebhookAttempt, WebhookDelivery, WebhookEndpoint, now
+from lmqueue.webhooks.endpoints import signing_secrets
 from lmqueue.webhooks.targets import BadTarget, check_target
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
@@ -31,18 +33,21 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 class Leased:
     delivery_id: str
     url: str
-    secret: str
+    secrets: list[str]  # each signs (the previous one too, during a rotation's grace)
     payload: str
     attempts: int
     created_at: float
 
 
-def signed_headers(secret: str, msg_id: str, payload: str, at: float) -> dict[str, str]:
+def signed_headers(secrets: Sequence[str], msg_id: str, payload: str, at: float) -> dict[str, str]:
+    """Standard Webhooks headers; several secrets give space-separated signatures, any one of
+    which verifies (how the spec carries a rotation)."""
     stamp = datetime.fromtimestamp(int(at), UTC)
+    signatures = [Webhook(secret).sign(msg_id, stamp, payload) for secret in secrets]
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(at)),
-        "webhook-signature": Webhook(secret).sign(msg_id, stamp, payload),
+        "webhook-signature": " ".join(signatures),
         "content-type": "application/json",
         "user-agent": "lmqueue-webhooks",
     }
@@ -73,7 +78,8 @@ def lease_due(session: Session, t: float, settings: Settings, limit: int = 64) -
             .execution_options(synchronize_session=False)
         )
         if won.rowcount:  # type: ignore[attr-defined]
-            out.append(Leased(d.id, ep.url, ep.secret, d.payload, d.attempts, d.created_at))
+            secrets = signing_secrets(ep, t)
+            out.append(Leased(d.id, ep.url, secrets, d.payload, d.attempts, d.created_at))
     return out
 
 
@@ -88,7 +94,7 @@ def send(item: Leased, client: httpx.Client, settings: Settings) -> tuple[int | 
     """One attempt; (status code, error text) with error None on a 2xx answer."""
     try:
         check_target(item.url, settings.webhook_allow_private_targets)
-        headers = signed_headers(item.secret, item.delivery_id, item.payload, now())
+        headers = signed_headers(item.secrets, item.delivery_id, item.payload, now())
         resp = client.post(item.url, content=item.payload.encode(), headers=headers)
     except (BadTarget, httpx.HTTPError) as exc:
         return None, f"{type(exc).__name__}: {exc}"[:500]

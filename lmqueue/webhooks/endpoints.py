@@ -69,9 +69,28 @@ def delete_endpoint(session: Session, ep: WebhookEndpoint) -> None:
     ep.deleted_at = now()
 
 
-def rotate_secret(ep: WebhookEndpoint) -> None:
-    """A new secret signs every attempt from now on, retries of older events included."""
+# As Standard Webhooks' reference service: the old secret keeps signing for a day by default,
+# so a receiver can be switched over without dropping deliveries; at most a week.
+ROTATION_GRACE_S = 24 * 3600.0
+ROTATION_GRACE_MAX_S = 7 * 24 * 3600.0
+
+
+def rotate_secret(ep: WebhookEndpoint, grace_s: float = ROTATION_GRACE_S) -> None:
+    """A new secret signs every attempt from now on, retries of older events included; for
+    `grace_s` the old one signs them too (0: it stops at once). A second rotation within the
+    grace drops the first secret: only the one just replaced is kept."""
+    ep.previous_secret = ep.secret if grace_s > 0 else None
+    ep.previous_secret_expires_at = now() + grace_s if grace_s > 0 else None
     ep.secret = new_secret()
+
+
+def signing_secrets(ep: WebhookEndpoint, t: float) -> list[str]:
+    """The secrets that sign an attempt made at `t`: the current one, and the previous one
+    while its grace lasts."""
+    expires = ep.previous_secret_expires_at
+    if ep.previous_secret and expires is not None and t < expires:
+        return [ep.secret, ep.previous_secret]
+    return [ep.secret]
 
 
 def endpoint_to_dict(ep: WebhookEndpoint, with_secret: bool = False) -> dict[str, Any]:
@@ -85,6 +104,9 @@ def endpoint_to_dict(ep: WebhookEndpoint, with_secret: bool = False) -> dict[str
     }
     if with_secret:  # shown once, when created or rotated
         out["secret"] = ep.secret
+    expires = ep.previous_secret_expires_at
+    if ep.previous_secret and expires is not None and expires > now():
+        out["previous_secret_expires_at"] = int(expires)  # the old secret still signs
     return out
 
 
