@@ -104,9 +104,8 @@ def endpoint_to_dict(ep: WebhookEndpoint, with_secret: bool = False) -> dict[str
     }
     if with_secret:  # shown once, when created or rotated
         out["secret"] = ep.secret
-    expires = ep.previous_secret_expires_at
-    if ep.previous_secret and expires is not None and expires > now():
-        out["previous_secret_expires_at"] = int(expires)  # the old secret still signs
+    if len(signing_secrets(ep, now())) > 1:  # the old secret still signs
+        out["previous_secret_expires_at"] = int(ep.previous_secret_expires_at or 0)
     return out
 
 
