@@ -10,10 +10,17 @@ is the left edge of the longest live row, as a view: no copy per step.
 - leave: the last live row is copied into the hole (one row's window), n shrinks by one;
 - the window's left edge follows the longest live row, so a long row that leaves stops costing
   attention at once;
-- a new row longer than `end` or a full buffer relays the window out into a new buffer (rare).
+- a new row longer than `end` or a full buffer relays the window out: moved within the same
+  buffers when they have room (every few hundred steps, as `end` walks to the right), into new
+  ones, twice the columns needed, only when they do not. Reusing the buffers matters on CPU:
+  a fresh buffer is memory the kernel must fault in and zero page by page, and a worker that
+  has run a while has big ones (32 slots x 554 columns of the ~42M bench model: 554 MiB);
+  making them anew at every relayout cost seconds in a burst of admissions.
+- the rows admitted in one step make room once, for the longest of them (`make_room`).
 
 Buffers are zero-initialised and only ever hold real (finite) KV values, so a masked column can
-never inject NaN into the attention (0 x NaN would).
+never inject NaN into the attention (0 x NaN would): a row whose logits went NaN/inf is scrubbed
+when it leaves (`leave(scrub=True)`), since a moved window leaves old columns behind.
 Shapes: n = live rows, W = end - start (window), H heads, D head size.
 """
 
@@ -126,10 +133,7 @@ class SlotCache:
         if g.rows >= g.slots:
             raise RuntimeError("no free slot")
         length = kvs[0][0].shape[1]
-        if g.rows == 0:
-            g.start = g.end = 0
-        if length > g.end:
-            self._relayout(max(g.window, length), min_end=length)
+        self.make_room(length)
         for layer, (k, v) in zip(self.layers, kvs, strict=True):
             if layer.kbuf is None:
                 layer.allocate(k.shape[0], k.shape[2], k.dtype, k.device)
@@ -141,10 +145,24 @@ class SlotCache:
         g.start = min(g.start, g.end - length) if g.rows > 1 else g.end - length
         return g.rows - 1
 
-    def leave(self, row: int) -> None:
-        """Drop live row `row`: the last live row moves into its place."""
+    def make_room(self, length: int) -> None:
+        """Make `end` at least `length`, so that a row of `length` tokens can join."""
+        g = self.geo
+        if g.rows == 0:
+            g.start = g.end = 0
+        if length > g.end:
+            self._relayout(max(g.window, length), min_end=length)
+
+    def leave(self, row: int, scrub: bool = False) -> None:
+        """Drop live row `row`: the last live row moves into its place. `scrub`: the row's
+        values may be NaN/inf (its logits were); zero its whole buffer row first."""
         g = self.geo
         last = g.rows - 1
+        if scrub:
+            for layer in self.layers:
+                if layer.kbuf is not None and layer.vbuf is not None:
+                    layer.kbuf[row].zero_()
+                    layer.vbuf[row].zero_()
         if row != last:
             for layer in self.layers:
                 if layer.kbuf is None or layer.vbuf is None:
@@ -170,13 +188,17 @@ class SlotCache:
                 layer.kbuf = layer.vbuf = None
 
     def _relayout(self, window: int, min_end: int = 0) -> None:
-        """Copy the live window into fresh buffers with room to grow: at least `window` columns
-        and an `end` of at least `min_end`."""
+        """Move the live window so that there are at least `window` columns and `end` is at
+        least `min_end`: within the buffers when they have room, else into bigger ones."""
         g = self.geo
         old_w = g.window
         new_end = max(min_end, old_w)
         if g.rows == 0 and new_end <= g.capacity:
             g.start = g.end = new_end  # nothing live to move
+            return
+        # In place when the buffers keep a third of their columns free after the move, so
+        # that moves stay rare (one copy of the window per capacity - window steps).
+        if 3 * max(window, new_end) <= 2 * g.capacity and self._move_in_place(new_end):
             return
         capacity = max(2 * max(window, new_end), g.capacity)
         # Every new buffer is made before any is swapped in: running out of memory half-way
@@ -194,6 +216,39 @@ class SlotCache:
             layer.kbuf, layer.vbuf = k, v
         g.capacity = capacity
         g.start, g.end = new_end - old_w, new_end
+
+    def _move_in_place(self, new_end: int) -> bool:
+        """Move the live window within the current buffers (False when they must be made
+        anew: not allocated yet, or sized for more slots than a preemption left)."""
+        g = self.geo
+        bufs = [b for layer in self.layers for b in (layer.kbuf, layer.vbuf) if b is not None]
+        if not bufs or any(b.shape[0] != g.slots or b.shape[2] != g.capacity for b in bufs):
+            return False
+        n, d = g.rows, new_end - g.end
+        plan = _shift_plan(g.start, g.end, d)
+        if plan is None:  # through copies, all made before any buffer is written
+            temps = [b[:n, :, g.start : g.end].clone() for b in bufs]
+            for b, t in zip(bufs, temps, strict=True):
+                b[:n, :, g.start + d : g.end + d] = t
+        else:
+            for b in bufs:
+                for lo, hi in plan:
+                    b[:n, :, lo + d : hi + d] = b[:n, :, lo:hi]
+        g.start, g.end = g.start + d, new_end
+        return True
+
+
+def _shift_plan(start: int, end: int, d: int) -> list[tuple[int, int]] | None:
+    """Column ranges of [start, end) to move by d, one after another, such that no copy
+    overwrites a column not yet moved (copy_ refuses overlapping memory); None when that takes
+    more than four copies (a short move of a wide window): then a temporary copy is cheaper."""
+    step, w = abs(d), end - start
+    if step >= w:
+        return [(start, end)]
+    if 4 * step < w:
+        return None
+    ranges = [(lo, min(lo + step, end)) for lo in range(start, end, step)]
+    return ranges if d < 0 else ranges[::-1]  # moving left: leftmost first, and vice versa
 
 
 def _moved(buf: torch.Tensor, g: SlotGeometry, new_end: int, capacity: int) -> torch.Tensor:

@@ -200,15 +200,22 @@ class SlotEngine:
         rows = [p.row for p in ready]
         logits = torch.stack([p.logits for p in ready])  # [b, V]
         self._sample(rows, logits, out)
-        for n, p in enumerate(ready):
+        joining = [p for p in ready if not p.row.finished]
+        for p in ready:
             p.row.admitted_step = self.steps
-            if p.row.finished:
-                continue
-            # The first join allocates the slot buffers and a long row moves them: allocations
-            # that can run out of memory; the rows not yet joined then wait for fewer slots.
+        # Room for the longest joining row first: one move of the window, not one per row
+        # longer than the last. Moving may make bigger buffers and the first join makes them:
+        # allocations that can run out of memory; the rows not yet joined then wait for fewer
+        # slots.
+        longest = max((p.kv[0][0].shape[1] for p in joining), default=0)
+        room = self._try(partial(self.cache.make_room, longest), out)
+        if isinstance(room, _Failed):
+            self._requeue([p.row for p in joining], room.exc, out)
+            return
+        for n, p in enumerate(joining):
             res = self._try(partial(self.cache.join, p.kv), out)
             if isinstance(res, _Failed):
-                self._requeue([q.row for q in ready[n:] if not q.row.finished], res.exc, out)
+                self._requeue([q.row for q in joining[n:]], res.exc, out)
                 return
             self.live.append(p.row)
 
@@ -277,7 +284,8 @@ class SlotEngine:
             out.finished.append((row.key, _gather(got)))
 
     def _leave(self, i: int) -> None:
-        self.cache.leave(i)
+        err = self.live[i].error
+        self.cache.leave(i, scrub=err is not None and err.code == "numerical_error")
         last = self.live.pop()
         if i < len(self.live):
             self.live[i] = last
