@@ -78,3 +78,16 @@ def test_admission_does_not_wait_on_a_stuck_writer(loop: WorkerLoop) -> None:
     assert loop.backend.admitted == []  # type: ignore[attr-defined]
     assert time.monotonic() - t0 < STORE_WAIT_S + 1.0
     assert [w.job_id for w in loop._waiting] == ["j0", "j1", "j2", "j3"]
+
+
+def test_admission_follows_the_queue_order_not_the_offer_order(loop: WorkerLoop) -> None:
+    """Task threads prepare messages in parallel and offer them in any order; jobs start in
+    the order they entered the queue (priority first), and one without a stamp comes last."""
+    stamps = {"j0": None, "j1": 30.0, "j2": 10.0, "j3": 20.0}
+    for w in loop._waiting:
+        w.enqueued_at = stamps[w.job_id]
+    loop._waiting.append(Waiting("urgent", "/v1/completions", object(), priority=9, seq=4))
+    loop._storing = 0
+    loop._admit()  # four slots for five jobs
+    assert loop.backend.admitted == ["urgent", "j2", "j3", "j1"]  # type: ignore[attr-defined]
+    assert [w.job_id for w in loop._waiting] == ["j0"]

@@ -273,7 +273,7 @@ class WorkerLoop:
                 room = self._room()
             if room <= 0 or not self._waiting or (room < group and not self.backend.idle()):
                 return
-            self._waiting.sort(key=lambda w: (-w.priority, w.seq))
+            self._waiting.sort(key=_admission_order)
             picked, self._waiting = self._waiting[:room], self._waiting[room:]
             self._cond.notify_all()
         now = time.time()
@@ -356,6 +356,14 @@ class WorkerLoop:
             self.on_token(events)
         except Exception:  # streaming is best effort: the stored result is the truth
             log.exception("token hook failed")
+
+
+def _admission_order(w: Waiting) -> tuple[int, float, int]:
+    """Best priority first, then first enqueued first: the order the jobs entered the queue
+    (the API's submissions, the batch dispatcher's fair share), not the order this worker's
+    task threads happened to offer them in (they prepare messages in parallel), so that a job
+    sent back to the queue for lack of room keeps its place when it returns."""
+    return (-w.priority, w.enqueued_at if w.enqueued_at is not None else float("inf"), w.seq)
 
 
 def _run_calls(calls: list[tuple[Callable[[], Any], Future[Any]]]) -> None:

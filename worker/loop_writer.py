@@ -35,6 +35,7 @@ class Waiting:
     request: Any  # the backend's prepared request, or the RequestError preparing it raised
     priority: int = 5
     created_at: float | None = None
+    enqueued_at: float | None = None  # when it last entered the queue (the admission order)
     deadline_at: float | None = None
     done: Future[None] = field(default_factory=Future)
     started_at: float | None = None

@@ -105,6 +105,7 @@ class WorkerRuntime:
             request,
             priority=job.priority,
             created_at=job.created_at,
+            enqueued_at=job.enqueued_at,
             deadline_at=job.deadline_at,
         )
 
