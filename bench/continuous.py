@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.engine import Engine, GenRequest, GenResult
+from worker.slot_engine import SlotEngine
 
 BUDGETS = (8, 16, 32, 64, 128)
 Row = Callable[..., None]
@@ -33,11 +34,19 @@ def workload(engine: Engine, prompts: list[list[int]], seed: int = 0) -> list[Ge
 
 
 def run_slots(
-    engine: Engine, reqs: list[GenRequest], slots: int, budget: int, admit_batch: int = 0
+    engine: Engine,
+    reqs: list[GenRequest],
+    slots: int,
+    budget: int,
+    admit_batch: int = 0,
+    loop: SlotEngine | None = None,
 ) -> tuple[list[GenResult], float, dict[int, list[float]], int]:
     """(i): everything waiting at once, admitted as slots free; returns results, wall time,
-    the decode-only step times by live rows, and the number of steps."""
-    loop = engine.slots(slots, budget, admit_batch)
+    the decode-only step times by live rows, and the number of steps. `loop`: an idle slot
+    engine to run on (its KV buffers already made, as a worker's are after its first jobs);
+    a new one by default."""
+    loop = loop or engine.slots(slots, budget, admit_batch)
+    steps0 = loop.steps
     for i, req in enumerate(reqs):
         assert loop.admit(str(i), req) is None
     results: dict[int, GenResult] = {}
@@ -51,7 +60,12 @@ def run_slots(
         for key, res in out.finished:
             assert isinstance(res, GenResult), res
             results[int(key)] = res
-    return [results[i] for i in range(len(reqs))], time.perf_counter() - t0, steps, loop.steps
+    return (
+        [results[i] for i in range(len(reqs))],
+        time.perf_counter() - t0,
+        steps,
+        loop.steps - steps0,
+    )
 
 
 def run_static(engine: Engine, reqs: list[GenRequest], slots: int) -> tuple[list[GenResult], float]:

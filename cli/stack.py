@@ -238,13 +238,15 @@ class Stack:
             )
         return len(ids) - int(ended or 0)
 
-    def wait_jobs_done(self, ids: list[str], timeout_s: float = 300) -> list[Job]:
+    def wait_jobs_done(
+        self, ids: list[str], timeout_s: float = 300, every_s: float = 0.25
+    ) -> list[Job]:
         try:
             wait_until(
                 lambda: self.count_open(ids) == 0,
                 timeout_s,
                 f"{len(ids)} jobs to finish",
-                every_s=0.25,
+                every_s=every_s,
             )
             return self.jobs(ids)
         except TimeoutError as e:
