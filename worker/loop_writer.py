@@ -97,10 +97,12 @@ class ResultWriter:
                 "gave up storing %d results: their leases lapse and recovery runs them again",
                 len(outcomes),
             )
+        # The loop first: it may be waiting for these slots to claim the next jobs, and the
+        # task threads released next (acks, the next messages) would hold the GIL meanwhile.
+        self.on_stored(len(items))
         try:
             self.on_outcomes(outcomes, items)
         except Exception:
             log.exception("outcome hook failed")
         for w in items:
             resolve(w)
-        self.on_stored(len(items))
