@@ -132,7 +132,7 @@ def run_served(
     # One client, in (b)'s order: the jobs enter the queue, and so start, in the same order
     # in both phases. From 16 client threads they arrived in a random order, and the draining
     # tail, set by the long jobs that happen to start last, took 106-124 steps against (b)'s
-    # 102. The submissions take as long either way (0.7-0.8 s).
+    # 102. The submissions take as long either way (0.6-1.0 s).
     ids = submit_all(stack, bodies, 1)
     submit_s = time.time() - t0
     probe_ids = []

@@ -15,6 +15,7 @@ import torch
 
 from lmqueue.schemas import EMBEDDINGS, EmbeddingBody
 from worker.engine import EngineStats, RequestError
+from worker.gen_types import NUMERICAL_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class EmbedEngine:
             if not bool(vecs.isfinite().all()):
                 results.append(
                     RequestError(
-                        "numerical_error", f"model {self.name!r} produced NaN/inf embeddings"
+                        NUMERICAL_ERROR, f"model {self.name!r} produced NaN/inf embeddings"
                     )
                 )
                 continue

@@ -70,6 +70,10 @@ class TokenLogprob:
     top_text: list[str] = field(default_factory=list)
 
 
+# The model produced NaN/inf for a request (its logits or embeddings).
+NUMERICAL_ERROR = "numerical_error"
+
+
 class RequestError(Exception):
     """A permanent, per-request error (400-style): it fails this request only."""
 

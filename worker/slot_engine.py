@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from worker.faults import free_cached_memory, is_out_of_memory
-from worker.gen_types import GenRequest, GenResult, RequestError, TokenEvent
+from worker.gen_types import NUMERICAL_ERROR, GenRequest, GenResult, RequestError, TokenEvent
 from worker.kv_slots import SlotCache
 from worker.prefill import ChunkedPrefill, Group, Prefilled, plan_groups, prefill_group
 from worker.requests import gen_request
@@ -251,7 +251,7 @@ class SlotEngine:
         ):
             if is_bad:
                 row.error = RequestError(
-                    "numerical_error",
+                    NUMERICAL_ERROR,
                     f"model {eng.name!r} produced NaN/inf logits for this request",
                 )
             else:
@@ -285,7 +285,7 @@ class SlotEngine:
 
     def _leave(self, i: int) -> None:
         err = self.live[i].error
-        self.cache.leave(i, scrub=err is not None and err.code == "numerical_error")
+        self.cache.leave(i, scrub=err is not None and err.code == NUMERICAL_ERROR)
         last = self.live.pop()
         if i < len(self.live):
             self.live[i] = last
