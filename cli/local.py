@@ -127,7 +127,7 @@ def _supervise(
     try:
         sup.spawn("api", [sys.executable, "-m", "cli", "api", "--port", str(port)])
         if flower:
-            sup.spawn("flower", flower_argv(settings.flower_port))
+            sup.spawn("flower", flower_argv(settings.flower_port, task_events=settings.task_events))
         # The scheduler owns the workers: it starts `workers` per model at once and scales up
         # with the backlog. A second, unmanaged worker here would be counted as capacity it
         # cannot see while it loads, and the scheduler would start another on top of it.

@@ -92,7 +92,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if s.flower_basic_auth:  # Flower reads FLOWER_BASIC_AUTH itself; never put it in argv
         env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth
-    argv = flower_argv(args.port or s.flower_port, address)
+    argv = flower_argv(args.port or s.flower_port, address, s.task_events)
     os.execve(argv[0], argv, env)
 
 

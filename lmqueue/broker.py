@@ -61,7 +61,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,  # never hoard: the backlog must stay visible in Redis
         "task_default_queue": f"{settings.queue_prefix}.default",
         "task_create_missing_queues": True,
-        "worker_send_task_events": True,  # Flower shows each request's task and state
+        # Flower shows each request's task and state (LMQUEUE_TASK_EVENTS; off, Flower still
+        # lists the workers: Celery sends their heartbeats either way).
+        "worker_send_task_events": settings.task_events,
         # Off by default: Flower shows a request from the moment a worker receives it, the
         # queues' depth from Redis; a sent event per message costs the API ~20% per submit.
         "task_send_sent_event": settings.flower_sent_events,

@@ -50,7 +50,7 @@ def worker_argv(
     ]
 
 
-def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
+def flower_argv(port: int, address: str = "127.0.0.1", task_events: bool = True) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -61,4 +61,7 @@ def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
         f"--port={port}",
         f"--address={address}",
         f"--logging={level_name('flower').lower()}",  # tornado's option: no INFO by default
+        # Flower turns the workers' task events on every few seconds unless told not to:
+        # LMQUEUE_TASK_EVENTS=false must hold with Flower running too.
+        *([] if task_events else ["--enable_events=False"]),
     ]

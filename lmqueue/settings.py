@@ -91,6 +91,13 @@ class Settings(BaseSettings):
 
     # --- flower ------------------------------------------------------------------------------
     flower_port: int = 5555
+    task_events: bool = Field(
+        default=True,
+        description=(
+            "a worker's per-task events (received, started, succeeded) for Flower's task list; "
+            "false: three fewer publishes a job, and Flower lists workers and queues only"
+        ),
+    )
     flower_sent_events: bool = Field(
         default=False,
         description=(
