@@ -14,11 +14,12 @@ import httpx
 import pytest
 from kombu import Connection
 
-from cli.procs import Proc, free_port, python_argv, wait_until
+from cli.procs import free_port, wait_until
 from cli.stack import Stack, running
 from lmqueue.broker import celery_config
 from lmqueue.db import make_engine
 from lmqueue.readiness import readiness
+from tests.flower_proc import flower_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,25 +44,8 @@ def metrics_stack(
 @pytest.fixture(scope="module")
 def flower(metrics_stack: Stack) -> Iterator[str]:
     """`lmqueue flower` as a process, basic auth from LMQUEUE_FLOWER_BASIC_AUTH."""
-    port = free_port()
-    env = {**metrics_stack.env, "LMQUEUE_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
-    argv = python_argv("-m", "cli", "flower", "--port", str(port))
-    proc = Proc("flower", argv, env, metrics_stack.log_dir)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if not proc.alive():
-            raise RuntimeError(f"flower exited:\n{proc.tail()}")
-        try:
-            return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, 60, "Flower to answer")
+    with flower_process(metrics_stack, FLOWER_AUTH) as url:
         yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """LMQUEUE_TASK_EVENTS=false: a worker sends no per-task events (received, started, succeeded:
 three publishes a job that a CPU-bound worker pays for, bench/RESULTS.md), still sends its
-heartbeats (Flower lists it), and Flower is told not to turn task events back on. Proved with
-a real worker and a Celery event receiver on the stack's Redis."""
+heartbeats (Flower lists it), and the Flower that `lmqueue flower` starts does not turn task
+events back on (it would, every 5 s, by default). Proved with a real worker, a real Flower and
+a Celery event receiver on the stack's Redis."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from cli.procs import wait_until
 from cli.stack import Stack, running
 from lmqueue.broker import celery_config
 from lmqueue.commands import flower_argv
+from tests.flower_proc import flower_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,12 +66,25 @@ def quiet_stack(
         tmp_path_factory.mktemp("l"),
         extra_env={"LMQUEUE_TASK_EVENTS": "false"},
     )
-    with running(st, ["tiny"]):
+    with running(st, ["tiny"]), flower_process(st, ("ops", "s3cret-flower-pass")):
         yield st
 
 
+# Flower broadcasts `enable_events` every 5 s from its start unless it runs with
+# --enable_events=False: a worker heartbeat sent later than this after Flower answered comes
+# after its first broadcast.
+FLOWER_TICK_S = 5.5
+
+
 def test_no_task_events_but_heartbeats(quiet_stack: Stack) -> None:
+    flower_up = time.time()  # the fixture yields once Flower answers: its timer is running
     with Events(quiet_stack) as events, quiet_stack.client() as client:
+        wait_until(
+            lambda: events.heartbeat_after(flower_up + FLOWER_TICK_S),
+            30,
+            "a heartbeat after Flower's first enable-events broadcast",
+            every_s=0.2,
+        )
         job_id = quiet_stack.submit(client, "tiny", "no events, please", max_tokens=2)
         assert quiet_stack.wait_job(client, job_id)["status"] == "succeeded"
         done = time.time()
