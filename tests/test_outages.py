@@ -162,7 +162,10 @@ def test_store_cut_under_a_running_worker_fails_no_running_row(
             st.start_api()
             worker = st.start_worker("long")
             with st.client() as client:
-                late = _submit_long(client, 4000, timeout=3)
+                # Still decoding when its deadline falls due during the cut: 4,000 tokens took
+                # 2.4 s on a quiet fast host (within a 3 s deadline, so the row could end
+                # `succeeded`, seen once in CI); after a 3,000-token prompt they take 3.3 s.
+                late = _submit_long(client, 4000, timeout=2, prompt="def main():\n" * 600)
                 going = _submit_long(client, 4000)
                 waiting = _submit_long(client, 4)
                 wait_until(lambda: _statuses(st, [late, going]) == ["running"] * 2, 60, "2 rows")
@@ -184,8 +187,10 @@ def test_store_cut_under_a_running_worker_fails_no_running_row(
     assert jobs[going].attempts == 1 and jobs[waiting].status == "succeeded", logs
 
 
-def _submit_long(client: httpx.Client, max_tokens: int, timeout: int | None = None) -> str:
-    body = {"prompt": "def main():", "temperature": 0, "max_tokens": max_tokens}
+def _submit_long(
+    client: httpx.Client, max_tokens: int, timeout: int | None = None, prompt: str = "def main():"
+) -> str:
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": max_tokens}
     job = {"model": "long", "endpoint": "/v1/completions", "body": body}
     r = client.post("/v1/jobs", json={**job, **({"timeout": timeout} if timeout else {})})
     assert r.status_code == 202, r.text
