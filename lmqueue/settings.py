@@ -245,6 +245,10 @@ class Settings(BaseSettings):
     # The rows a step admits are prefilled in length groups padded at most this much, then join
     # the decode slots; 1.0 = one padded prefill per step.
     prefill_max_waste: float = Field(default=0.1, ge=0.0, le=1.0)
+    # A step that admits rows while others decode runs both as one packed forward (the matmuls
+    # at once for every token, attention per row: worker/packed.py), for Llama-family models;
+    # false: a prefill forward, then a decode forward.
+    packed_steps: bool = True
     # Shared-prefix KV reuse: rows admitted together whose prompts share at least this many
     # leading tokens, at least prefix_min_rows of them, compute the prefix once (the latest such
     # prefix is kept for later admissions). 0 turns it off.

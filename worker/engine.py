@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from worker.gen_types import GenRequest, GenResult, Outcome, RequestError, TokenEvent
 from worker.kv_cache import supports_buffered
+from worker.packed import supports_packing
 from worker.prefill import PrefixPolicy, PrefixStore
 from worker.prompts import PromptEncoder
 from worker.slot_engine import SlotEngine
@@ -58,6 +59,7 @@ class EngineStats:
     prefix_rows: int = 0  # rows in those groups
     prefix_tokens_saved: int = 0  # prefill positions not computed thanks to the reuse
     oom_splits: int = 0  # forwards that ran out of device memory (split or preempted)
+    packed_steps: int = 0  # steps that decoded and prefilled in one forward (worker.packed)
 
 
 class Engine(PromptEncoder):
@@ -90,6 +92,8 @@ class Engine(PromptEncoder):
         self.prefill_max_waste = prefill_max_waste
         # Plain full-attention layers only: slot buffers and merged prefill groups need them.
         self.kv_buffers = supports_buffered(model.config)
+        # Admitting steps run decode and prefill as one packed forward (worker.packed).
+        self.packed_steps = self.kv_buffers and self._logits_to_keep and supports_packing(model)
         self.stats = EngineStats()
         self._grammars: Grammars | None = None
 
@@ -170,6 +174,14 @@ class Engine(PromptEncoder):
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs
         )
         return out.logits[:, -1, :].float()
+
+    def forward_packed(
+        self, ids: torch.Tensor, pos: torch.Tensor, cache: DynamicCache, keep: torch.Tensor
+    ) -> torch.Tensor:
+        # ids, pos: [1, N] packed tokens (worker.packed); keep: [K] positions -> [K, V] fp32
+        kwargs: dict[str, Any] = {self._cache_arg: cache, "logits_to_keep": keep}
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **kwargs)
+        return out.logits[0].float()
 
     def left_pad(self, seqs: list[list[int]], T: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # [B, T]

@@ -75,6 +75,7 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
         min_tokens=settings.prefix_min_tokens or 10**9, min_rows=settings.prefix_min_rows
     )
     engine.prefill_max_waste = settings.prefill_max_waste
+    engine.packed_steps = engine.packed_steps and settings.packed_steps
     if spec.engine == "hf-paged":
         from worker.backends.hf_paged import HFPagedBackend
 

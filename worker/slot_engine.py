@@ -7,6 +7,10 @@ Each `step()`:
    sampled, and their KV joins the slot cache;
 3. runs one decode step for every live row; rows that finish leave their slot.
 
+A step that admits plain rows (no chunked or shared-prefix prefill) while others decode runs
+steps 2 and 3 as one packed forward (worker.packed): the admitted rows then decode from the
+next step on.
+
 Out of memory inside a forward is handled outside the `except` block (the traceback holds the
 failed call's tensors until it is left): the newest rows are preempted back to waiting, their KV
 dropped and recomputed later, and the slot count is lowered; a row fails with `out_of_memory`
@@ -24,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from worker.choices import Choices
 from worker.faults import free_cached_memory, is_out_of_memory
 from worker.gen_types import NUMERICAL_ERROR, GenRequest, GenResult, RequestError, TokenEvent
 from worker.kv_slots import SlotCache
+from worker.packed import PackedOut, packed_forward
 from worker.prefill import ChunkedPrefill, Group, Prefilled, plan_groups, prefill_group
 from worker.requests import gen_request
 from worker.rows import Row, new_row, push, result, stream_delta
@@ -59,10 +65,9 @@ class SlotEngine:
         self.waiting: deque[Row] = deque()  # admitted, not yet prefilled
         self.chunked: ChunkedPrefill | None = None
         self._cancel: set[str] = set()
-        self._abandon: set[str] = set()  # requests that already failed: drop, do not report
         self._seq = 0
         self.steps = 0
-        self._choices: dict[str, list[GenResult]] = {}  # finished choices of n > 1 requests
+        self._choices = Choices()  # n > 1 requests: their choices, gathered
 
     # ---- the caller's side ----------------------------------------------------------------
 
@@ -96,19 +101,18 @@ class SlotEngine:
         limit = min(req.max_tokens, self.engine.max_context - len(req.prompt_ids))
         # n choices are n rows under the same key, admitted together so that their common
         # prompt is computed once (worker.prefill's shared-prefix groups); their results are
-        # gathered into one answer (`_gather`).
+        # gathered into one answer (worker.choices).
         for index in range(max(1, req.n)):
             self._seq += 1
             self.waiting.append(new_row(key, req, limit, index, self._seq))
-        if req.n > 1:
-            self._choices[key] = []
+        self._choices.start(key, req.n)
         return None
 
     def cancel(self, keys: Iterable[str]) -> None:
         self._cancel.update(keys)
 
     def idle(self) -> bool:
-        return not (self.live or self.waiting or self.chunked or self._abandon)
+        return not (self.live or self.waiting or self.chunked or self._choices.abandoned)
 
     def keys(self) -> list[str]:
         rows = [*self.live, *self.waiting] + ([self.chunked.row] if self.chunked else [])
@@ -121,16 +125,17 @@ class SlotEngine:
         self.steps += 1
         with torch.inference_mode():
             self._drop_cancelled(out)
-            self._admit(out)
-            if self.live:
-                self._decode(out)
+            if not self._packed_step(out):
+                self._admit(out)
+                if self.live:
+                    self._decode(out)
         return out
 
     def _drop_cancelled(self, out: StepOutput) -> None:
-        if not (self._cancel or self._abandon):
+        if not (self._cancel or self._choices.abandoned):
             return
-        gone, cancelled = self._cancel | self._abandon, self._cancel
-        self._cancel, self._abandon = set(), set()
+        gone, cancelled = self._cancel | self._choices.abandoned, self._cancel
+        self._cancel, self._choices.abandoned = set(), set()
         for i in reversed(range(len(self.live))):
             if self.live[i].key in gone:
                 out.dropped.append(self.live[i].key)
@@ -144,7 +149,7 @@ class SlotEngine:
         # One key per request, whatever its n; a failed request's leftover choices silently.
         out.dropped = [k for k in dict.fromkeys(out.dropped) if k in cancelled]
         for key in gone:
-            self._choices.pop(key, None)
+            self._choices.forget(key)
 
     def _admit(self, out: StepOutput) -> None:
         budget = self.prefill_budget
@@ -152,23 +157,68 @@ class SlotEngine:
         if self.chunked is not None:  # a long prompt in progress takes this step's budget
             self._advance_chunk(ready, budget, out)
             budget = 0
-        take: list[Row] = []
         free = self.cache.free - len(ready)
-        if self.live and free < min(self.admit_batch, len(self.waiting)):
-            budget = 0  # a few more rows must finish first: one prefill for several rows
-        while self.waiting and len(take) < free and budget > 0:
-            n = len(self.waiting[0].req.prompt_ids)
-            if n > budget:
-                if not take and n > self.prefill_budget and self.chunked is None:
-                    self.chunked = ChunkedPrefill(self.engine, self.waiting.popleft())
-                    self._advance_chunk(ready, budget, out)
-                break  # the rest waits for the next step's budget
-            take.append(self.waiting.popleft())
-            budget -= n
+        take = self._take(budget, free) if budget and not self._hold(free) else []
+        head = len(self.waiting[0].req.prompt_ids) if self.waiting else 0
+        if budget and not take and free > 0 and head > budget and not self._hold(free):
+            self.chunked = ChunkedPrefill(self.engine, self.waiting.popleft())
+            self._advance_chunk(ready, budget, out)
         for group in plan_groups(self.engine, take) if take else []:
             ready += self._prefill(group, out)
         if ready:
             self._join(ready, out)
+
+    def _hold(self, free: int) -> bool:
+        """While rows decode, admit only once a few slots are free: one prefill for several
+        rows rather than one per row."""
+        return bool(self.live) and free < min(self.admit_batch, len(self.waiting))
+
+    def _take(self, budget: int, free: int) -> list[Row]:
+        """The waiting rows this step admits, in order: as many as fit the free slots and the
+        prefill budget."""
+        take: list[Row] = []
+        while self.waiting and len(take) < free:
+            n = len(self.waiting[0].req.prompt_ids)
+            if n > budget:
+                break  # the rest waits for the next step's budget
+            take.append(self.waiting.popleft())
+            budget -= n
+        return take
+
+    def _packed_step(self, out: StepOutput) -> bool:
+        """Decode the live rows and prefill this step's admissions in one forward
+        (worker.packed). False when this step cannot: nothing live or nothing to admit, a
+        chunked or shared-prefix prefill, out of memory; the two-forward path then runs."""
+        eng, free = self.engine, self.cache.free
+        if not (eng.packed_steps and self.live and self.waiting and not self.chunked):
+            return False
+        if self._hold(free):
+            return False
+        take = self._take(self.prefill_budget, free)
+        groups = plan_groups(eng, take) if take else []
+        if not take or any(g.prefix for g in groups):
+            self.waiting.extendleft(reversed(take))
+            return False
+        rows = [r for g in groups for r in g.rows]
+
+        def forward() -> PackedOut:
+            self.cache.reserve(1)
+            last = [r.tokens[-1] for r in self.live]
+            return packed_forward(eng, self.cache, last, [r.req.prompt_ids for r in rows])
+
+        res = self._try(forward, out)
+        if isinstance(res, _Failed):  # the two-forward path preempts or splits
+            self.waiting.extendleft(reversed(take))
+            return False
+        n = len(self.live)
+        self._decoded(res.logits[:n], out)
+        prompt_tokens = sum(len(r.req.prompt_ids) for r in rows)
+        eng.stats.prefill_tokens += prompt_tokens
+        eng.stats.packed_steps += 1
+        out.prefilled += prompt_tokens
+        firsts = zip(rows, res.logits[n:], res.kv, strict=True)  # each prompt's last token
+        self._join([Prefilled(r, logits, kv) for r, logits, kv in firsts], out)
+        return True
 
     def _advance_chunk(self, ready: list[Prefilled], budget: int, out: StepOutput) -> None:
         chunked = self.chunked
@@ -234,11 +284,15 @@ class SlotEngine:
         if isinstance(res, _Failed):
             self._preempt(res.exc, out)
             return
+        self._decoded(res, out)
+
+    def _decoded(self, logits: torch.Tensor, out: StepOutput) -> None:
+        """The live rows' decode logits [n, V] are in: advance, sample, drop finished rows."""
         self.cache.advance(1)
         out.live = n = len(self.live)
         for row in self.live:
             row.batch_rows = max(row.batch_rows, n)
-        self._sample(list(self.live), res, out)
+        self._sample(list(self.live), logits, out)
         for i in reversed(range(len(self.live))):
             if self.live[i].finished:
                 self._leave(i)
@@ -265,23 +319,7 @@ class SlotEngine:
                 self._finished(row, result(row, eng.decode_text), out)
 
     def _finished(self, row: Row, res: GenResult | RequestError, out: StepOutput) -> None:
-        """A row's outcome: the request's, or one of its n choices (gathered until all are in;
-        the first error fails the request and drops its other choices)."""
-        if row.req.n <= 1:
-            out.finished.append((row.key, res))
-            return
-        got = self._choices.get(row.key)
-        if got is None:  # the request already failed
-            return
-        if isinstance(res, RequestError):
-            del self._choices[row.key]
-            self._abandon.add(row.key)
-            out.finished.append((row.key, res))
-            return
-        got.append(res)
-        if len(got) == row.req.n:
-            del self._choices[row.key]
-            out.finished.append((row.key, _gather(got)))
+        out.finished += self._choices.finished(row, res)
 
     def _leave(self, i: int) -> None:
         err = self.live[i].error
@@ -353,16 +391,6 @@ class SlotEngine:
             "out_of_memory", f"out of memory running this request alone: {exc}"
         )
         self._finished(row, row.error, out)
-
-
-def _gather(choices: list[GenResult]) -> GenResult:
-    """n choices -> one result: choice 0 carrying the others; the prompt is counted once, the
-    completion tokens of every choice are summed."""
-    first, *others = sorted(choices, key=lambda r: r.index)
-    first.siblings = others
-    first.completion_tokens = sum(r.completion_tokens for r in choices)
-    first.batch_rows = max(r.batch_rows for r in choices)
-    return first
 
 
 @dataclass
