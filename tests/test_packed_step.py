@@ -1,6 +1,7 @@
 """Packed steps (worker.packed): an admitting step decodes the live rows and prefills the new
 ones in one forward. Outputs must equal the two-forward path and HF `generate`, for plain and
-grouped-query attention, and models the packing cannot serve keep the two-forward path."""
+grouped-query attention and every model type that is packed; models the packing cannot serve
+keep the two-forward path."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from worker.engine import Engine, GenRequest, GenResult
 from worker.gen_types import Outcome
-from worker.packed import supports_packing
+from worker.packed import PACKED_MODEL_TYPES, supports_packing
 
 TEXTS = ["x", "import os\n", "x = 1\n" * 12, "def f(a):\n    return a\n" * 5, "#" * 80, "y"]
 
@@ -32,25 +33,32 @@ def engine(tiny_model_dir: Path, tokenizer: Any) -> Engine:
     return Engine(model, tokenizer, torch.device("cpu"), max_context=256, name="tiny")
 
 
-@pytest.fixture(scope="module")
-def gqa_engine(tokenizer: Any) -> Engine:
-    """A random Llama with 4 query heads sharing 2 KV heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model(tokenizer: Any, model_type: str, kv_heads: int = 2) -> Engine:
+    """A random 2-layer model of this type, 4 query heads sharing `kv_heads` KV heads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    cfg = AutoConfig.for_model(
+        model_type,
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **({"sliding_window": None} if model_type == "mistral" else {}),  # 4096 by default
     )
-    model = LlamaForCausalLM(cfg).eval()
-    return Engine(model, tokenizer, torch.device("cpu"), max_context=256, name="gqa")
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return Engine(model, tokenizer, torch.device("cpu"), max_context=256, name=model_type)
+
+
+@pytest.fixture(scope="module")
+def gqa_engine(tokenizer: Any) -> Engine:
+    return random_model(tokenizer, "llama")
 
 
 def staggered(engine: Engine, packed: bool) -> dict[str, Outcome]:
@@ -124,3 +132,15 @@ def test_packed_steps_run_a_quantized_model(tiny_model_dir: Path) -> None:
     for i in range(len(TEXTS)):
         res = results[str(i)]
         assert isinstance(res, GenResult) and res.completion_tokens > 0, res
+
+
+@pytest.mark.parametrize("model_type", sorted(PACKED_MODEL_TYPES))
+def test_every_packed_model_type_matches_two_forwards(tokenizer: Any, model_type: str) -> None:
+    eng = random_model(tokenizer, model_type)
+    assert eng.packed_steps, model_type
+    packed, plain = staggered(eng, packed=True), staggered(eng, packed=False)
+    assert eng.stats.packed_steps > 0
+    for i in range(len(TEXTS)):
+        a, b = packed[str(i)], plain[str(i)]
+        assert isinstance(a, GenResult) and isinstance(b, GenResult)
+        assert a.token_ids == b.token_ids, (model_type, TEXTS[i])
