@@ -63,7 +63,7 @@ def gqa_engine(tokenizer: Any) -> Engine:
 
 def staggered(engine: Engine, packed: bool) -> dict[str, Outcome]:
     """One new request every two steps into 3 slots: rows join while others decode."""
-    engine.packed_steps = packed
+    saved, engine.packed_steps = engine.packed_steps, packed
     loop = engine.slots(slots=3, prefill_budget=4096, admit_batch=1)
     results: dict[str, Outcome] = {}
     try:
@@ -75,7 +75,7 @@ def staggered(engine: Engine, packed: bool) -> dict[str, Outcome]:
         while not loop.idle():
             results.update(loop.step().finished)
     finally:
-        engine.packed_steps = supports_packing(engine.model)
+        engine.packed_steps = saved
     return results
 
 
@@ -144,3 +144,16 @@ def test_every_packed_model_type_matches_two_forwards(tokenizer: Any, model_type
         a, b = packed[str(i)], plain[str(i)]
         assert isinstance(a, GenResult) and isinstance(b, GenResult)
         assert a.token_ids == b.token_ids, (model_type, TEXTS[i])
+
+
+def test_the_setting_turns_packing_off_in_a_worker_backend(tiny_model_dir: Path) -> None:
+    """LMQUEUE_PACKED_STEPS reaches the slot loop a worker builds (worker.runtime)."""
+    from lmqueue.registry import ModelSpec
+    from lmqueue.settings import Settings
+    from worker.runtime import make_backend
+    from worker.slot_engine import SlotEngine
+
+    spec = ModelSpec(name="tiny", path=str(tiny_model_dir))
+    for on in (True, False):
+        loop = make_backend(spec, Settings(packed_steps=on))
+        assert isinstance(loop, SlotEngine) and loop.engine.packed_steps is on

@@ -158,9 +158,9 @@ class SlotEngine:
             self._advance_chunk(ready, budget, out)
             budget = 0
         free = self.cache.free - len(ready)
-        take = self._take(budget, free) if budget and not self._hold(free) else []
-        head = len(self.waiting[0].req.prompt_ids) if self.waiting else 0
-        if budget and not take and free > 0 and head > budget and not self._hold(free):
+        admitting = budget > 0 and not self._hold(free)
+        take = self._take(budget, free) if admitting else []
+        if admitting and not take and free > 0 and self.waiting:  # the head exceeds the budget
             self.chunked = ChunkedPrefill(self.engine, self.waiting.popleft())
             self._advance_chunk(ready, budget, out)
         for group in plan_groups(self.engine, take) if take else []:
@@ -190,9 +190,9 @@ class SlotEngine:
         (worker.packed). False when this step cannot: nothing live or nothing to admit, a
         chunked or shared-prefix prefill, out of memory; the two-forward path then runs."""
         eng, free = self.engine, self.cache.free
-        if not (eng.packed_steps and self.live and self.waiting and not self.chunked):
+        if not (eng.packed_steps and self.live and self.waiting) or self.chunked:
             return False
-        if self._hold(free):
+        if self._hold(free):  # no admission this step: a plain decode
             return False
         take = self._take(self.prefill_budget, free)
         groups = plan_groups(eng, take) if take else []
