@@ -142,18 +142,15 @@ def jobs_to_drop(
     session: Session, running: Sequence[str], waiting: Sequence[str], worker: str
 ) -> set[str]:
     """Of a worker's running jobs, those it no longer holds (cancelled, timed out, claimed
-    elsewhere); of its waiting ones, those already finished or cancelled."""
-    drop: set[str] = set()
-    if running:
-        held = session.scalars(
-            select(Job.id).where(
-                Job.id.in_(running), Job.status == JobStatus.RUNNING, Job.worker == worker
-            )
-        )
-        drop |= set(running) - set(held)
-    if waiting:
-        done = select(Job.id).where(Job.id.in_(waiting), Job.status.not_in(JobStatus.OPEN))
-        drop |= set(session.scalars(done))
+    elsewhere); of its waiting ones, those already finished or cancelled. One query: a worker's
+    watcher runs this every `cancel_poll_s` while it holds work."""
+    ids = [*running, *waiting]
+    if not ids:
+        return set()
+    rows = session.execute(select(Job.id, Job.status, Job.worker).where(Job.id.in_(ids)))
+    state = {job_id: (status, owner) for job_id, status, owner in rows}
+    drop = {i for i in running if state.get(i) != (JobStatus.RUNNING, worker)}
+    drop |= {i for i in waiting if i in state and state[i][0] not in JobStatus.OPEN}
     return drop
 
 
