@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from api.auth import _bearer, get_principal, require_admin
+from api.auth import _bearer, admin_only, principal_of
 from api.errors import APIError
 from lmqueue.contract import queue_name
 from lmqueue.db import session_scope
@@ -57,7 +57,7 @@ def _allowed(credentials: HTTPAuthorizationCredentials | None) -> None:
                 type_="invalid_request_error",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-    require_admin(get_principal(credentials))
+    admin_only(principal_of(credentials))
 
 
 @router.get("/metrics", include_in_schema=False)
