@@ -12,12 +12,17 @@ measured. Each phase also reports the CPU time the hypervisor stole (/proc/stat)
 Per round, from the worker's Prometheus metrics: the mean live rows per decode step while the
 backlog ran, and the time from submit to first token (p50, p99) of max_tokens=1 probes
 submitted while the backlog runs (same priority: they queue behind it, first in, first out).
+Per round, the CPU seconds of each process (bench.cpu_split): the model's two threads, and the
+rest of the service (the worker's other threads, the API, this client, Redis), which on a small
+machine is what (a)'s steps lose against (b)'s.
 Prints tokens/s and the ratio a/b. Asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import socket
 import statistics
@@ -26,9 +31,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from bench import cpu_split
 from bench.common import bench_model_dir, bench_stack, mixed_prompts
 from bench.continuous import run_slots, workload
 from cli.procs import wait_until
@@ -82,6 +89,53 @@ def submit_all(stack: Stack, bodies: list[dict[str, Any]], parallel: int = 16) -
         return list(pool.map(lambda b: stack.submit(client, "bench", **b), bodies))
 
 
+class Submitter:
+    """POST /v1/jobs over one kept-alive http.client connection. The client shares the two
+    cores with the service it measures; httpx cost it ~1.4 ms of CPU a request, this ~0.3 ms."""
+
+    def __init__(self, base_url: str):
+        u = urlsplit(base_url)
+        self.conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=60)
+
+    def submit(self, body: dict[str, Any]) -> str:
+        payload = {
+            "model": "bench",
+            "endpoint": "/v1/completions",
+            "body": {"temperature": 0, **body},
+        }
+        self.conn.request(
+            "POST", "/v1/jobs", json.dumps(payload), {"Content-Type": "application/json"}
+        )
+        resp = self.conn.getresponse()
+        text = resp.read()
+        assert resp.status == 202, text
+        return str(json.loads(text)["id"])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def submit_in_order(stack: Stack, bodies: list[dict[str, Any]]) -> list[str]:
+    client = Submitter(stack.base_url)
+    try:
+        return [client.submit(b) for b in bodies]
+    finally:
+        client.close()
+
+
+def redis_pid() -> dict[str, int]:
+    """The local redis-server's pid, if one runs here (the machine's or the embedded one)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().strip() == "redis-server":
+                        return {"redis": int(d)}
+            except OSError:
+                continue
+    return {}
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -94,6 +148,7 @@ class Alone:
     seconds: float
     steal: float
     steps: int
+    cpu: dict[str, float]
 
 
 @dataclass
@@ -109,12 +164,17 @@ class Served:
     busy_s: float  # inside a step
     first_token: list[float]
     steal: float
+    cpu: dict[str, float]  # CPU seconds by process (bench.cpu_split)
 
 
-def run_alone(run: Callable[[], tuple[float, int]]) -> Alone:
-    s0 = stolen()
+def run_alone(
+    run: Callable[[], tuple[float, int]], pids: tuple[int, dict[str, int]] | None = None
+) -> Alone:
+    """`pids`: the idle stack's, to show what it costs (b) (the first phase has none yet)."""
+    s0, cpu0 = stolen(), cpu_split.snapshot(*(pids or (0, {"bench": os.getpid()})))
     seconds, steps = run()
-    return Alone(seconds, steal_pct(s0, stolen()), steps)
+    cpu = cpu_split.split(cpu0, cpu_split.snapshot(*(pids or (0, {"bench": os.getpid()}))))
+    return Alone(seconds, steal_pct(s0, stolen()), steps, cpu)
 
 
 def run_served(
@@ -124,21 +184,23 @@ def run_served(
     probes: list[dict[str, Any]],
     spread_s: float,
     slots: int,
+    pids: tuple[int, dict[str, int]],
 ) -> Served:
     s0, c0 = live_rows(metrics)
     busy0, steps0 = histogram(metrics, "lmqueue_batch_duration_seconds")
     st0 = stolen()
+    cpu0 = cpu_split.snapshot(*pids)
     t0 = time.time()
     # One client, in (b)'s order: the jobs enter the queue, and so start, in the same order
     # in both phases. From 16 client threads they arrived in a random order, and the draining
     # tail, set by the long jobs that happen to start last, took 106-124 steps against (b)'s
     # 102. The submissions take as long either way (0.6-1.0 s).
-    ids = submit_all(stack, bodies, 1)
+    ids = submit_in_order(stack, bodies)
     submit_s = time.time() - t0
     probe_ids = []
     for body in probes:  # spread over the first half of the backlog
         time.sleep(spread_s / max(1, len(probes)))
-        probe_ids += submit_all(stack, [body], 1)
+        probe_ids += submit_in_order(stack, [body])
     # "Under a backlog": until fewer jobs than slots are left unfinished (the tail that drains
     # the last rows is counted separately). Polled every POLL_S: the bench's own queries run
     # on the cores the worker computes on (the end is read from the store, not the poll).
@@ -147,6 +209,7 @@ def run_served(
     jobs = stack.wait_jobs_done(ids, timeout_s=3600, every_s=POLL_S)
     done = stack.wait_jobs_done(probe_ids, timeout_s=3600, every_s=POLL_S)
     steal = steal_pct(st0, stolen())
+    cpu = cpu_split.split(cpu0, cpu_split.snapshot(*pids))
     s1, c1 = live_rows(metrics)
     busy1, steps1 = histogram(metrics, "lmqueue_batch_duration_seconds")
     bad = [j.error for j in jobs + done if j.status != "succeeded"]
@@ -164,6 +227,7 @@ def run_served(
         busy_s=busy1 - busy0,
         first_token=[(j.finished_at or 0) - j.created_at for j in done],
         steal=steal,
+        cpu=cpu,
     )
 
 
@@ -211,19 +275,31 @@ def main() -> None:
         stack.start_api()
         # As `lmqueue worker` runs it: 2 x slots task threads, so jobs wait in the worker while
         # the slots run and a freed slot never waits on the broker.
-        stack.start_worker("bench", concurrency=settings.effective_concurrency(), env=env)
+        # At the worker's own log level (WARNING), as `lmqueue worker` runs: the test stack's
+        # INFO writes two log lines for every message.
+        worker = stack.start_worker(
+            "bench", concurrency=settings.effective_concurrency(), env=env, log_level=None
+        )
+        assert stack.api is not None
+        others = {"api": stack.api.pid, "bench": os.getpid(), **redis_pid()}
         metrics = f"http://127.0.0.1:{port}/metrics"
         # Warm-up, the whole workload once: the worker's slot buffers grow to their size here,
         # as (b)'s did in its warm-up, not in the first measured round.
         stack.wait_jobs_done(submit_all(stack, bodies), timeout_s=600)
         for r in range(args.rounds):
-            a.append(run_served(stack, metrics, bodies, probes, b[-1].seconds / 2, slots))
-            b.append(run_alone(alone))
-            report_round(r, a[-1], b[-2], b[-1], tokens_b, slots)
-    report_total(a, b, tokens_b, decode_b, slots)
+            a.append(
+                run_served(
+                    stack, metrics, bodies, probes, b[-1].seconds / 2, slots, (worker.pid, others)
+                )
+            )
+            b.append(run_alone(alone, (worker.pid, others)))
+            report_round(r, a[-1], b[-2], b[-1], tokens_b, slots, len(reqs))
+    report_total(a, b, tokens_b, decode_b, slots, len(reqs))
 
 
-def report_round(r: int, a: Served, before: Alone, after: Alone, tokens_b: int, slots: int) -> None:
+def report_round(
+    r: int, a: Served, before: Alone, after: Alone, tokens_b: int, slots: int, jobs: int
+) -> None:
     rate_a, rate_b = a.tokens / a.seconds, tokens_b / ((before.seconds + after.seconds) / 2)
     print(
         f"round {r + 1}: (a) service {a.tokens} tokens in {a.seconds:.1f} s = {rate_a:.0f} tok/s "
@@ -237,6 +313,14 @@ def report_round(r: int, a: Served, before: Alone, after: Alone, tokens_b: int, 
         f"{a.seconds:.1f} s inside a step ({1000 * a.busy_s / max(1, a.steps):.0f} ms a step); "
         f"probes' submit -> first token p50 {statistics.median(a.first_token):.1f} s"
     )
+    served = cpu_split.service_share(a.cpu)
+    print(
+        f"  CPU: (a) the model's two threads {a.cpu['worker compute']:.1f} s, the rest of the "
+        f"service {served:.1f} s ({1000 * served / max(1, jobs):.1f} ms a job: "
+        f"{cpu_split.describe(a.cpu, skip=cpu_split.NOT_SERVICE)}); (b) after "
+        f"{after.cpu.get('bench', 0):.1f} s (the idle stack beside it "
+        f"{cpu_split.service_share(after.cpu, skip=('bench',)):.1f} s)"
+    )
     alone_ms = [1000 * x.seconds / max(1, x.steps) for x in (before, after)]
     print(
         f"  (b) {before.steps} / {after.steps} steps, "
@@ -245,7 +329,12 @@ def report_round(r: int, a: Served, before: Alone, after: Alone, tokens_b: int, 
 
 
 def report_total(
-    a: list[Served], b: list[Alone], tokens_b: int, decode_b: dict[int, list[float]], slots: int
+    a: list[Served],
+    b: list[Alone],
+    tokens_b: int,
+    decode_b: dict[int, list[float]],
+    slots: int,
+    jobs: int,
 ) -> None:
     ratios = [
         (x.tokens / x.seconds) / (tokens_b / ((b[i].seconds + b[i + 1].seconds) / 2))
@@ -267,6 +356,11 @@ def report_total(
         f"p50 {statistics.median(first):.1f} s, p99 {percentile(first, 0.99):.1f} s"
     )
     print(f"slot loop alone: {1000 * step_b:.0f} ms a decode-only step")
+    served = statistics.mean(cpu_split.service_share(x.cpu) for x in a)
+    print(
+        f"the service's CPU beside the model's threads: {served:.1f} s a round, "
+        f"{1000 * served / jobs:.1f} ms a job"
+    )
 
 
 if __name__ == "__main__":

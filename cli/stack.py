@@ -112,7 +112,10 @@ class Stack:
         concurrency: int = 32,
         env: dict[str, str] | None = None,
         wait_ready: bool = True,
+        log_level: str | None = "INFO",
     ) -> Proc:
+        """`log_level`: INFO by default, so a failing test's log shows every task; None keeps
+        the worker's own default (WARNING: one start line), as `lmqueue worker` runs it."""
         worker_env = {
             **self.env,
             "LMQUEUE_QUEUE_PREFIX": self.queue_prefix,
@@ -120,7 +123,8 @@ class Stack:
             **(env or {}),
         }
         argv = worker_argv(model, concurrency, queue=self.queue(model), module=self.worker_module)
-        argv[argv.index("--loglevel") + 1] = "INFO"
+        if log_level is not None:
+            argv[argv.index("--loglevel") + 1] = log_level
         proc = Proc(f"worker-{model}", argv, worker_env, self.log_dir)
         self.workers.append(proc)
         if wait_ready:
@@ -148,7 +152,8 @@ class Stack:
     def _worker_ready(self, proc: Proc) -> bool:
         if not proc.alive():
             raise RuntimeError(f"worker exited:\n{proc.tail()}")
-        return "ready." in proc.log_path.read_text(errors="replace")
+        log = proc.log_path.read_text(errors="replace")
+        return "ready." in log or " ready: model " in log  # Celery's INFO line, or our status line
 
     def stop(self) -> None:
         for sched in self.schedulers:
