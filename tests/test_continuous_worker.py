@@ -181,3 +181,48 @@ def _running_count(stack: Stack) -> int:
 
     with Session(stack.engine) as s:
         return int(s.scalar(select(func.count()).where(Job.status == "running")) or 0)
+
+
+def test_jobs_held_past_the_grace_are_not_lost_messages(
+    database_url: str, redis_url: str, long_model_dir: Path, tmp_path: Path
+) -> None:
+    """A worker's waiting jobs outlive the reaper's grace (1 s) behind a long one: their
+    unacked entries are then old, and only the watcher's held_at stamps (every grace/4) tell
+    the reaper that a live worker holds them. A real reaper pass must find nothing lost."""
+    from lmqueue.contract import queue_name
+    from scheduler.recovery import Reaper
+    from tests.scheduler_load import settings_for
+
+    env = {
+        "LMQUEUE_MAX_BATCH_SIZE": "1",
+        "LMQUEUE_WORKER_HOLD_JOBS": "8",
+        "LMQUEUE_RECOVERY_GRACE_S": "1",
+    }
+    st = Stack(database_url, redis_url, {"long": long_model_dir}, tmp_path, extra_env=env)
+    st.migrate()
+    try:
+        st.start_api()
+        st.start_worker("long", concurrency=8)
+        with st.client() as client, settings_for(st) as settings:
+            long = submit(st, client, LONG)
+            wait_status(client, long, "running")
+            held = [submit(st, client, 4) for _ in range(4)]
+            wait_until(lambda: queue_empty(st), 30, "the worker to take every message")
+            sent: list[list[str]] = []
+            reaper = Reaper(
+                settings,
+                redis.Redis.from_url(redis_url),
+                {"long": queue_name("long", settings)},
+                send=lambda _m, ids, _p: sent.append(list(ids)),
+            )
+            taken_at = time.time()
+            while time.time() < taken_at + 3:  # past the grace, while they wait for the slot
+                assert status(client, long)["status"] == "running", "the long job ended early"
+                assert reaper.recover_lost_messages("long", reaper.queues["long"], time.time()) == 0
+                time.sleep(0.2)  # a reaper pass every 0.2 s, as a busy scheduler would
+            assert sent == []
+            cancel(client, long)
+            for job in held:
+                assert wait_status(client, job, "succeeded")["attempts"] == 1
+    finally:
+        st.stop()
