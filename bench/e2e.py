@@ -39,7 +39,7 @@ from bench import cpu_split
 from bench.common import bench_model_dir, bench_stack, mixed_prompts
 from bench.continuous import run_slots, workload
 from cli.procs import wait_until
-from cli.stack import Stack
+from cli.stack import Stack, completion_job
 from lmqueue.registry import ModelSpec
 from lmqueue.schemas import COMPLETIONS
 from lmqueue.settings import Settings
@@ -98,14 +98,8 @@ class Submitter:
         self.conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=60)
 
     def submit(self, body: dict[str, Any]) -> str:
-        payload = {
-            "model": "bench",
-            "endpoint": "/v1/completions",
-            "body": {"temperature": 0, **body},
-        }
-        self.conn.request(
-            "POST", "/v1/jobs", json.dumps(payload), {"Content-Type": "application/json"}
-        )
+        payload = json.dumps(completion_job("bench", **body))
+        self.conn.request("POST", "/v1/jobs", payload, {"Content-Type": "application/json"})
         resp = self.conn.getresponse()
         text = resp.read()
         assert resp.status == 202, text
@@ -170,10 +164,12 @@ class Served:
 def run_alone(
     run: Callable[[], tuple[float, int]], pids: tuple[int, dict[str, int]] | None = None
 ) -> Alone:
-    """`pids`: the idle stack's, to show what it costs (b) (the first phase has none yet)."""
-    s0, cpu0 = stolen(), cpu_split.snapshot(*(pids or (0, {"bench": os.getpid()})))
+    """`pids`: the idle stack's, to show what it costs (b) (the first phase has none yet:
+    no worker, pid 0 reads as no threads)."""
+    worker, others = pids or (0, {"bench": os.getpid()})
+    s0, cpu0 = stolen(), cpu_split.snapshot(worker, others)
     seconds, steps = run()
-    cpu = cpu_split.split(cpu0, cpu_split.snapshot(*(pids or (0, {"bench": os.getpid()}))))
+    cpu = cpu_split.split(cpu0, cpu_split.snapshot(worker, others))
     return Alone(seconds, steal_pct(s0, stolen()), steps, cpu)
 
 

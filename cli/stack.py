@@ -205,14 +205,7 @@ class Stack:
         return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
 
     def submit(self, client: httpx.Client, model: str, prompt: str, **body: Any) -> str:
-        resp = client.post(
-            "/v1/jobs",
-            json={
-                "model": model,
-                "endpoint": "/v1/completions",
-                "body": {"prompt": prompt, "temperature": 0, **body},
-            },
-        )
+        resp = client.post("/v1/jobs", json=completion_job(model, prompt=prompt, **body))
         assert resp.status_code == 202, resp.text
         return str(resp.json()["id"])
 
@@ -265,6 +258,11 @@ class Stack:
 
     def all_logs(self) -> str:
         return _tails([*self.workers, *self.schedulers])
+
+
+def completion_job(model: str, **body: Any) -> dict[str, Any]:
+    """A POST /v1/jobs body: a greedy completion unless `body` says otherwise."""
+    return {"model": model, "endpoint": "/v1/completions", "body": {"temperature": 0, **body}}
 
 
 def _tails(procs: Iterable[Proc]) -> str:

@@ -222,7 +222,7 @@ def test_unacked_messages_count_until_their_holder_is_gone(env: Settings) -> Non
         _fake_unacked(r, queue, orphan, taken_ago=100),
         _fake_unacked(r, queue, held, taken_ago=100),
     ]
-    with session_scope() as s:  # what the holder's task and heartbeat do
+    with session_scope() as s:  # what the holder's watcher does (worker.runtime)
         mark_held(s, held, now())
     unacked, index = unacked_keys()
     try:
